@@ -1,0 +1,362 @@
+"""Typed run configuration, validated in one place.
+
+A trial config is YAML with four sections (``data``, ``model``, ``train``, ``method``) plus
+``seed``. Every section is a small dataclass; :func:`load_config` walks them and rejects an
+unknown key, a wrong type or an out-of-range value with one :class:`ConfigError` that names the
+dotted key (``train.lr``, ``method.beta``). Method parameters are declared by each method module
+(see :mod:`ltsearch.methods`) and checked by the same walker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``key`` is the dotted path of the offending entry."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, doc: str = "",
+         factory=None):
+    """A dataclass field with numeric bounds checked by :func:`from_dict`."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# The generic walker
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, f"must be null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a declaration error, not user input
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_bounds(value, meta, key):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if meta.get("ge") is not None and not value >= meta["ge"]:
+        raise ConfigError(key, f"must be >= {meta['ge']}, got {value!r}")
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        raise ConfigError(key, f"must be > {meta['gt']}, got {value!r}")
+    if meta.get("le") is not None and not value <= meta["le"]:
+        raise ConfigError(key, f"must be <= {meta['le']}, got {value!r}")
+    if meta.get("lt") is not None and not value < meta["lt"]:
+        raise ConfigError(key, f"must be < {meta['lt']}, got {value!r}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, checking keys, types and bounds.
+
+    After the fields, ``cls.check(self)`` (if defined) may raise ``ConfigError`` with a key
+    relative to this section for cross-field rules; it is re-raised with the full path.
+    """
+    def path(name):
+        return f"{prefix}.{name}" if prefix else name
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(path(str(unknown[0])),
+                          f"unknown key (known keys: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(path(name), "is required")
+            continue
+        value = _coerce(data[name], hints[name], path(name))
+        _check_bounds(value, f.metadata, path(name))
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                _check_bounds(v, f.metadata, f"{path(name)}[{i}]")
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(path(e.key) if e.key else prefix, e.message) from None
+    return obj
+
+
+def to_dict(obj) -> dict:
+    """Plain-data form of a config (what ``ltsearch train`` reads back)."""
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class AugmentConfig:
+    """Batched on-device augmentation (pad-and-crop, horizontal flip, normalisation)."""
+    crop_pad: int = spec(4, ge=0, doc="zero padding before the random crop; 0 turns cropping off")
+    hflip: bool = spec(True, doc="random horizontal flip with p=0.5")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder"] = spec(
+        "digits", doc="digits is scikit-learn's load_digits, shipped with the package")
+    root: Optional[str] = spec(None, doc="folder of the data (torchvision files or an ImageFolder tree)")
+    profile: Literal["exp", "step", "none"] = spec(
+        "exp", doc="long-tail profile over classes; none keeps the data as it is")
+    imbalance_factor: float = spec(10.0, ge=1.0, doc="n_max / n_min; 1 keeps classes balanced")
+    step_minor_fraction: float = spec(0.5, gt=0.0, lt=1.0, doc="share of classes that are minor (step)")
+    max_per_class: Optional[int] = spec(None, gt=0, doc="n_max; default: the largest class")
+    val_per_class: int = spec(10, ge=0, doc="balanced validation images per class, held out first")
+    test_per_class: int = spec(40, gt=0, doc="digits only: stratified test images per class")
+    image_size: Optional[int] = spec(None, gt=0, doc="imagefolder: resize to this square size")
+    subset_seed: int = spec(0, doc="numpy seed of the LDAM-DRW per-class shuffle")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet32", "resnet18", "resnet34", "resnet50"] = spec(
+        "resnet32", doc="resnet32 is the CIFAR ResNet; the others are torchvision's")
+
+
+@dataclass
+class MetricsConfig:
+    many_threshold: int = spec(100, ge=0, doc="many-shot: more than this many training images")
+    few_threshold: int = spec(20, ge=0, doc="few-shot: fewer than this many training images")
+
+    def check(self):
+        if self.few_threshold > self.many_threshold:
+            raise ConfigError("few_threshold", "must not exceed many_threshold")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule of one training phase."""
+    epochs: int = spec(200, ge=1)
+    batch_size: int = spec(128, ge=1)
+    lr: float = spec(0.1, gt=0.0)
+    momentum: float = spec(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = spec(2e-4, ge=0.0)
+    warmup_epochs: int = spec(5, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[int] = spec(factory=lambda: [160, 180], ge=1)
+    gamma: float = spec(0.01, gt=0.0, le=1.0, doc="lr factor at each milestone (cumulative)")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 0-based ``epoch``: linear warm-up, then step or cosine decay."""
+        if epoch < self.warmup_epochs:
+            return self.lr * (epoch + 1) / self.warmup_epochs
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            span = max(1, self.epochs - self.warmup_epochs)
+            import math
+            return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+        return self.lr
+
+
+PRESETS: dict[str, dict] = {
+    # LDAM-DRW's CIFAR-LT recipe (Cao et al., NeurIPS 2019).
+    "cifar_lt": dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=False,
+                     weight_decay=2e-4, warmup_epochs=5, schedule="step",
+                     milestones=[160, 180], gamma=0.01),
+    # BBN's CIFAR recipe (Zhou et al., CVPR 2020, reference config).
+    "bbn_cifar": dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+                      weight_decay=2e-4, warmup_epochs=5, schedule="step",
+                      milestones=[120, 160], gamma=0.01),
+}
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    preset: Literal["cifar_lt", "bbn_cifar", "none"] = spec(
+        "cifar_lt", doc="recipe whose values fill the optimiser keys not given")
+    device: str = spec("auto", doc="auto, cpu, cuda or cuda:N")
+    threads: int = spec(2, ge=1, doc="torch.set_num_threads on CPU")
+    compile: bool = spec(True, doc="CUDA only: torch.compile(mode='reduce-overhead')")
+    amp: bool = spec(True, doc="CUDA only: bf16 autocast")
+    eval_every: int = spec(1, ge=1)
+    eval_batch_size: int = spec(1024, ge=1)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def check(self):
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError("warmup_epochs", f"must not exceed epochs ({self.epochs})")
+
+
+def _load_train(data: Any) -> TrainConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("train", f"must be a mapping, got {data!r}")
+    preset = data.get("preset", "cifar_lt")
+    if preset not in PRESETS and preset != "none":
+        raise ConfigError("train.preset", f"must be one of 'cifar_lt', 'bbn_cifar', 'none', got {preset!r}")
+    merged = {**PRESETS.get(preset, {}), **data}
+    return from_dict(TrainConfig, merged, "train")
+
+
+@dataclass
+class MethodConfig:
+    name: str
+    params: Any  # the method's own Params dataclass
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=lambda: load_method({"name": "ce"}))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = {"name": self.method.name, **dataclasses.asdict(self.method.params)}
+        return d
+
+
+def load_method(data: Any, prefix: str = "method") -> MethodConfig:
+    from ltsearch.methods import get_method, method_names
+
+    if data is None:
+        data = {"name": "ce"}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {data!r}")
+    data = dict(data)
+    name = data.pop("name", "ce")
+    if name not in method_names():
+        raise ConfigError(f"{prefix}.name",
+                          f"unknown method {name!r} (known: {', '.join(method_names())})")
+    cls = get_method(name)
+    try:
+        params = from_dict(cls.Params, data, prefix)
+    except ConfigError as e:
+        if e.message.startswith("unknown key"):
+            known = ", ".join(f.name for f in dataclasses.fields(cls.Params)) or "none"
+            raise ConfigError(e.key, f"not a parameter of method {name!r} (its parameters: {known})") from None
+        raise
+    return MethodConfig(name=name, params=params)
+
+
+def check_method(method: MethodConfig, train: "TrainConfig", prefix: str = "method") -> None:
+    from ltsearch.methods import get_method
+
+    try:
+        get_method(method.name).check_config(method.params, train)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e.key}", e.message) from None
+
+
+TOP_KEYS = ("seed", "data", "model", "train", "method")
+
+
+def config_from_dict(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"a config must be a mapping, got {type(data).__name__}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(str(unknown[0]), f"unknown key (known keys: {', '.join(TOP_KEYS)})")
+    cfg = Config(
+        seed=_coerce(data.get("seed", 0), int, "seed"),
+        data=from_dict(DataConfig, data.get("data"), "data"),
+        model=from_dict(ModelConfig, data.get("model"), "model"),
+        train=_load_train(data.get("train")),
+        method=load_method(data.get("method")),
+    )
+    check_method(cfg.method, cfg.train)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    return config_from_dict(read_yaml(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,58 @@
+"""Data kept on the trainer's device, augmented in batches there (no per-image PIL in the loop)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ltsearch.data.sources import ImageSet
+
+
+class DeviceImages:
+    """A uint8 image tensor on ``device`` with batched pad-and-crop, flip and normalisation."""
+
+    def __init__(self, images: ImageSet, device: torch.device, mean: torch.Tensor,
+                 std: torch.Tensor, crop_pad: int = 0, hflip: bool = False,
+                 channels_last: bool = False):
+        self.x = torch.as_tensor(np.ascontiguousarray(images.x)).to(device)
+        self.y = torch.as_tensor(images.y).to(device)
+        self.mean = mean.to(device).view(1, -1, 1, 1)
+        self.std = std.to(device).view(1, -1, 1, 1)
+        self.crop_pad = crop_pad
+        self.hflip = hflip
+        self.channels_last = channels_last
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None,
+              augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[idx]
+        if augment and self.crop_pad:
+            x = random_crop(x, self.crop_pad, gen)
+        x = x.float().div_(255.0)
+        if augment and self.hflip:
+            flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.y[idx]
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``pad`` and crop back to H×W at a random offset per image, in one gather."""
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device, generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device, generator=gen)
+    rows = oy + torch.arange(H, device=x.device)  # (B, H)
+    cols = ox + torch.arange(W, device=x.device)  # (B, W)
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def channel_stats(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the training images, in [0, 1] units."""
+    x = torch.as_tensor(images.x).float().div_(255.0)
+    return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)

@@ -1,0 +1,99 @@
+"""Index generators on the device: one call draws a whole epoch of indices.
+
+Class-level samplers pick a class c with probability p_c, then an image of that class uniformly:
+- class-balanced: p_c = 1/C;
+- square-root: p_c ∝ n_c^½ (Mahajan et al. 2018);
+- reversed: p_c ∝ w_c = n_max / n_c, i.e. ∝ 1/n_c (BBN, Zhou et al. 2020, Eq. 1);
+- progressive: p_c(t) = (1 − t/T)·n_c/N + (t/T)·1/C (Kang et al., ICLR 2020), t the epoch.
+The instance sampler shuffles the whole set (p_c = n_c / N, without replacement).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ClassIndex:
+    """Indices sorted by class with per-class offsets, for O(1) 'an image of class c' draws."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        self.order = torch.argsort(labels, stable=True)
+        self.counts = torch.bincount(labels, minlength=num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.num_classes = num_classes
+        self.size = len(labels)
+
+    def draw_in_classes(self, classes: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        u = torch.rand(len(classes), device=classes.device, generator=gen)
+        offset = (u * self.counts[classes]).long().clamp_max(self.counts[classes] - 1)
+        return self.order[self.starts[classes] + offset]
+
+
+class Sampler:
+    """Draws ``n`` training indices for 0-based ``epoch`` of ``total_epochs``."""
+    name = "base"
+
+    def __init__(self, index: ClassIndex):
+        self.index = index
+
+    def class_probs(self, epoch: int, total_epochs: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, n: int, epoch: int, total_epochs: int, gen: torch.Generator | None) -> torch.Tensor:
+        p = self.class_probs(epoch, total_epochs)
+        classes = torch.multinomial(p, n, replacement=True, generator=gen)
+        return self.index.draw_in_classes(classes, gen)
+
+
+class InstanceSampler(Sampler):
+    name = "instance"
+
+    def class_probs(self, epoch, total_epochs):
+        return self.index.counts.float() / self.index.size
+
+    def draw(self, n, epoch, total_epochs, gen):
+        device = self.index.order.device
+        reps = -(-n // self.index.size)
+        perms = [torch.randperm(self.index.size, device=device, generator=gen) for _ in range(reps)]
+        return torch.cat(perms)[:n]
+
+
+class BalancedSampler(Sampler):
+    name = "balanced"
+
+    def class_probs(self, epoch, total_epochs):
+        return torch.full((self.index.num_classes,), 1.0 / self.index.num_classes,
+                          device=self.index.counts.device)
+
+
+class SqrtSampler(Sampler):
+    name = "sqrt"
+
+    def class_probs(self, epoch, total_epochs):
+        w = self.index.counts.float().sqrt()
+        return w / w.sum()
+
+
+class ReversedSampler(Sampler):
+    name = "reversed"
+
+    def class_probs(self, epoch, total_epochs):
+        counts = self.index.counts.float()
+        w = counts.max() / counts
+        return w / w.sum()
+
+
+class ProgressiveSampler(Sampler):
+    name = "progressive"
+
+    def class_probs(self, epoch, total_epochs):
+        t = epoch / total_epochs
+        inst = self.index.counts.float() / self.index.size
+        return (1 - t) * inst + t / self.index.num_classes
+
+
+SAMPLERS = {cls.name: cls for cls in
+            (InstanceSampler, BalancedSampler, SqrtSampler, ReversedSampler, ProgressiveSampler)}
+
+
+def make_sampler(name: str, index: ClassIndex) -> Sampler:
+    return SAMPLERS[name](index)

@@ -1,0 +1,208 @@
+"""Image sources, decoded once into uint8 arrays (N, C, H, W).
+
+Every source yields a train pool, a test pool and, when the folder has one, a val pool; the
+long-tail subset and the balanced validation split are drawn from the train pool afterwards
+(:mod:`ltsearch.data.longtail`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the folder or file."""
+
+
+@dataclass
+class ImageSet:
+    x: np.ndarray  # uint8 (N, C, H, W)
+    y: np.ndarray  # int64 (N,)
+
+    def __len__(self):
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(self.x[idx], self.y[idx])
+
+
+@dataclass
+class Pools:
+    classes: list[str]
+    train: "ImageSet | FileSet"
+    test: ImageSet
+    val: Optional[ImageSet] = None
+
+
+def load_digits_pools(test_per_class: int, seed: int = 0) -> Pools:
+    """scikit-learn's 8x8 digits as 1x8x8 uint8 images; a stratified test pool per class."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    rng = np.random.RandomState(seed)
+    test_idx = []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        if len(idx) <= test_per_class:
+            raise DataError(f"digits: class {c} has {len(idx)} images, cannot hold out "
+                            f"data.test_per_class={test_per_class}")
+        test_idx.append(rng.permutation(idx)[:test_per_class])
+    test_idx = np.sort(np.concatenate(test_idx))
+    train_mask = np.ones(len(y), bool)
+    train_mask[test_idx] = False
+    return Pools([str(c) for c in range(10)], ImageSet(x[train_mask], y[train_mask]),
+                 ImageSet(x[test_idx], y[test_idx]))
+
+
+def _decode(path: Path, size: Optional[int]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+@dataclass
+class FileSet:
+    """Image files and labels, decoded only when taken (a long-tailed subset decodes ~1/4)."""
+    paths: list[Path]
+    y: np.ndarray
+    size: Optional[int] = None
+
+    def __len__(self):
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> ImageSet:
+        return decode_files([self.paths[i] for i in idx], self.y[idx], self.size)
+
+    def load(self) -> ImageSet:
+        return decode_files(self.paths, self.y, self.size)
+
+
+def decode_files(paths: list[Path], labels: np.ndarray, size: Optional[int]) -> ImageSet:
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda p: _decode(p, size), paths))
+    shapes = Counter(im.shape for im in images)
+    if len(shapes) > 1:
+        common = shapes.most_common(1)[0][0]
+        odd_path, odd = next((p, im) for p, im in zip(paths, images) if im.shape != common)
+        raise DataError(f"{odd_path}: size {odd.shape[1:]} differs from the other images' "
+                        f"{common[1:]}; set data.image_size to resize")
+    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64))
+
+
+def list_image_folder(folder: Path, classes: Optional[list[str]] = None,
+                      size: Optional[int] = None) -> tuple[list[str], FileSet]:
+    """List ``folder/<class>/<image>``; class order = sorted folder names, files sorted by name."""
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if classes is None:
+        classes = found
+        if not classes:
+            raise DataError(f"no class folders in {folder}")
+    elif found != classes:
+        raise DataError(f"{folder}: class folders {found} differ from the train classes {classes}")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"empty class folder: {folder / name}")
+        paths += files
+        labels += [c] * len(files)
+    return classes, FileSet(paths, np.asarray(labels, dtype=np.int64), size)
+
+
+def load_image_folder_pools(root: Path, size: Optional[int] = None) -> Pools:
+    """A user's tree: ``root/train/<class>/…``, ``root/test/<class>/…``, optional ``root/val``."""
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise DataError(f"missing folder {root / part} (expected {root}/train/<class>/…, "
+                            f"{root}/test/<class>/…)")
+    classes, train = list_image_folder(root / "train", size=size)
+    _, test = list_image_folder(root / "test", classes, size=size)
+    val = None
+    if (root / "val").is_dir():
+        val = list_image_folder(root / "val", classes, size=size)[1].load()
+    return Pools(classes, train, test.load(), val)
+
+
+def _torchvision_cifar(root: Path, name: str) -> Pools:
+    """The python-pickle CIFAR files torchvision's CIFAR10/CIFAR100 read (no download)."""
+    base = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    if not base.is_dir():
+        raise DataError(f"{name}: neither {base} (torchvision files) nor {root}/train (an "
+                        "ImageFolder tree) exists")
+    if name == "cifar10":
+        train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
+        test_files = [base / "test_batch"]
+        label_key, meta, names_key = b"labels", base / "batches.meta", b"label_names"
+    else:
+        train_files, test_files = [base / "train"], [base / "test"]
+        label_key, meta, names_key = b"fine_labels", base / "meta", b"fine_label_names"
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{name}: missing file {f}")
+            with open(f, "rb") as fh:
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+        return ImageSet(np.concatenate(xs), np.concatenate(ys))
+
+    with open(meta, "rb") as fh:
+        classes = [c.decode() for c in pickle.load(fh, encoding="bytes")[names_key]]
+    return Pools(classes, read(train_files), read(test_files))
+
+
+def load_cifar_pools(root: Path, name: str) -> Pools:
+    """CIFAR from torchvision's files under ``root`` or from an ImageFolder tree.
+
+    The tree may be ``root`` itself (``root/train/<class>``) or ``root/<name>-jpeg`` (the layout
+    ``cifar10-jpeg.tar.gz`` unpacks to).
+    """
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    for tree in (root, root / f"{name}-jpeg"):
+        if (tree / "train").is_dir():
+            pools = load_image_folder_pools(tree)
+            expected = 10 if name == "cifar10" else 100
+            if len(pools.classes) != expected:
+                raise DataError(f"{tree}: {len(pools.classes)} classes, {name} has {expected}")
+            return pools
+    return _torchvision_cifar(root, name)
+
+
+def load_pools(source: str, root: Optional[str], *, test_per_class: int = 40,
+               image_size: Optional[int] = None) -> Pools:
+    if source == "digits":
+        return load_digits_pools(test_per_class)
+    if root is None:
+        raise DataError(f"data.root is required for data.source={source!r}")
+    path = Path(root).expanduser()
+    if source in ("cifar10", "cifar100"):
+        return load_cifar_pools(path, source)
+    if source == "imagefolder":
+        return load_image_folder_pools(path, image_size)
+    raise DataError(f"unknown dataset {source!r}")

@@ -1,0 +1,264 @@
+"""The trainer: pure PyTorch, no Ray, Optuna or MLflow (the search wraps it).
+
+Read top to bottom: data goes to the device once as uint8; each epoch the method's samplers draw
+all indices at once, batches are gathered and augmented on the device, the method computes the
+loss, SGD steps. Validation runs every ``eval_every`` epochs, test at the end; each evaluated
+epoch's metrics go to a callback. On CUDA: bf16 autocast, channels_last, fused SGD and
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs, static shapes via drop-last batches).
+
+Randomness is derived from (seed, epoch), so a run resumed from a checkpoint draws the same
+indices, augmentations and per-step values as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ltsearch.config import Config
+from ltsearch.data import LongTailData
+from ltsearch.data.device import DeviceImages, channel_stats
+from ltsearch.data.samplers import ClassIndex
+from ltsearch.methods import Batch, MethodContext, Phase, get_method
+from ltsearch.metrics import classification_metrics
+from ltsearch.models import build_body
+
+log = logging.getLogger(__name__)
+
+SCALAR_KEYS = ("top1", "balanced_acc", "many", "medium", "few")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished", "diverged" or "stopped" (max_epochs reached before the end)
+    epochs: int  # completed epochs
+    metrics: dict  # the last report: val/…, and test/… when finished
+    history: list[dict] = field(default_factory=list)  # scalar metrics per evaluated epoch
+    error: Optional[str] = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: LongTailData, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.data = data
+        self.device = resolve_device(device or cfg.train.device) if not isinstance(device, torch.device) else device
+        self.cuda = self.device.type == "cuda"
+        if not self.cuda:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.seed)
+
+        mean, std = channel_stats(data.train)
+        aug = cfg.data.augment
+        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
+                                      channels_last=self.cuda)
+        self.val_set = DeviceImages(data.val, self.device, mean, std, channels_last=self.cuda)
+        self.test_set = DeviceImages(data.test, self.device, mean, std, channels_last=self.cuda)
+
+        ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
+                            self.device)
+        self.method = get_method(cfg.method.name)(cfg.method.params, ctx, cfg.train)
+        body, feat_dim = build_body(cfg.model.arch, data.in_channels)
+        self.model = self.method.build_model(body, feat_dim).to(self.device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.phases = self.method.phases()
+        self.total_epochs = sum(p.optim.epochs for p in self.phases)
+        self.epoch = 0  # completed epochs
+        self.history: list[dict] = []
+        self.phase_results: dict = {}  # test metrics at the end of each earlier phase
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._phase_index: int | None = None
+        self._compiled = None
+        self._compile_verified = False
+
+    # --- phases ------------------------------------------------------------------------------
+    def locate(self, epoch: int) -> tuple[int, int]:
+        """(phase index, epoch within phase) of global 0-based ``epoch``."""
+        for i, phase in enumerate(self.phases):
+            if epoch < phase.optim.epochs:
+                return i, epoch
+            epoch -= phase.optim.epochs
+        raise IndexError(epoch)
+
+    def _enter_phase(self, index: int, resumed: bool) -> None:
+        phase = self.phases[index]
+        if phase.reset_classifier and not resumed:
+            self.model.classifier.reset_parameters()
+        trainable = set(self.model.classifier.parameters()) if phase.classifier_only else None
+        for p in self.model.parameters():
+            p.requires_grad_(trainable is None or p in trainable)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = phase.optim
+        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                         weight_decay=o.weight_decay, fused=self.cuda or None)
+        self._phase_index = index
+        self.method.on_phase_start(phase, index, resumed)
+
+    def _train_mode(self, phase: Phase) -> None:
+        self.model.train()
+        if phase.classifier_only:  # frozen features keep their BatchNorm statistics
+            for name, child in self.model.named_children():
+                if name != "classifier":
+                    child.eval()
+
+    def _forward_fn(self, phase: Phase) -> Callable:
+        if not (self.cuda and self.cfg.train.compile) or phase.classifier_only:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, mode="reduce-overhead")
+        return self._compiled
+
+    # --- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        index, e = self.locate(self.epoch)
+        if self._phase_index != index:
+            self._enter_phase(index, resumed=False)
+        phase = self.phases[index]
+        lr = phase.optim.lr_at(e)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._train_mode(phase)
+
+        n = len(self.train_set)
+        B = min(phase.optim.batch_size, n)
+        steps = n // B
+        gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch])
+        self.method.ctx.generator = gen
+        streams = [s.draw(steps * B, e, phase.optim.epochs, gen) for s in self.method.samplers(phase, e)]
+        self.method.start_epoch(phase, e, steps, rng)
+        forward = self._forward_fn(phase)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
+                    else contextlib.nullcontext())
+
+        loss_sum = torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        for k in range(steps):
+            batches = [Batch(*self.train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
+            if forward is not self.model:
+                torch.compiler.cudagraph_mark_step_begin()
+            try:
+                with autocast:
+                    loss = self.method.loss(forward, batches, phase, e, k)
+            except Exception as exc:  # a compiler failure must not cost the run: fall back once
+                if forward is self.model or self._compile_verified:
+                    raise
+                log.warning("torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
+                self._compiled, forward = self.model, self.model
+                with autocast:
+                    loss = self.method.loss(forward, batches, phase, e, k)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self._compile_verified = True
+            loss_sum += loss.detach().float()
+        mean_loss = float(loss_sum) / steps  # one device→host sync per epoch
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        return {"epoch": self.epoch, "phase": phase.name, "train/loss": mean_loss, "lr": lr,
+                "images_per_s": steps * B * len(streams) / elapsed, "epoch_time_s": elapsed,
+                **self.method.epoch_metrics(phase, e)}
+
+    # --- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: DeviceImages) -> torch.Tensor:
+        self.model.eval()
+        preds = []
+        bs = self.cfg.train.eval_batch_size
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
+                    else contextlib.nullcontext())
+        for i in range(0, len(images), bs):
+            idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
+            x, _ = images.batch(idx, augment=False)
+            with autocast:
+                preds.append(self.model(x).argmax(1))
+        return torch.cat(preds)
+
+    def evaluate(self, images: DeviceImages, prefix: str) -> dict:
+        m = self.cfg.train.metrics
+        metrics = classification_metrics(images.y, self.predict(images), self.data.counts,
+                                         m.many_threshold, m.few_threshold)
+        return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+    # --- the run -----------------------------------------------------------------------------
+    def fit(self, callback: Callable[[dict, "Trainer"], None] | None = None,
+            max_epochs: int | None = None, time_limit_s: float | None = None) -> TrainResult:
+        """Train from ``self.epoch`` to the end (or ``max_epochs`` total); report every
+        evaluated epoch to ``callback(metrics, trainer)``. When a phase ends before the last one,
+        its test metrics are kept as ``<phase>/test/…`` (e.g. stage-1 accuracy before cRT)."""
+        stop_at = self.total_epochs if max_epochs is None else min(max_epochs, self.total_epochs)
+        deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        metrics: dict = {}
+        while self.epoch < stop_at:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("time limit reached after %d epochs; evaluating on test", self.epoch)
+                metrics.update(self.evaluate(self.test_set, "test"))
+                break
+            metrics = self.train_epoch()
+            metrics.update(self.phase_results)
+            index, _ = self.locate(self.epoch - 1)
+            if index < len(self.phases) - 1 and self.epoch == sum(
+                    p.optim.epochs for p in self.phases[:index + 1]):
+                name = self.phases[index].name
+                self.phase_results.update({f"{name}/{k}": v for k, v in self.evaluate(
+                    self.test_set, "test").items() if not isinstance(v, list)})
+                metrics.update(self.phase_results)
+            if not math.isfinite(metrics["train/loss"]):
+                error = (f"non-finite training loss ({metrics['train/loss']}) in epoch "
+                         f"{metrics['epoch']} at lr {metrics['lr']:g}; the run was stopped")
+                log.error(error)
+                return TrainResult("diverged", self.epoch, metrics, self.history, error)
+            last = self.epoch == self.total_epochs
+            if last or self.epoch % self.cfg.train.eval_every == 0:
+                metrics.update(self.evaluate(self.val_set, "val"))
+                if last:
+                    metrics.update(self.evaluate(self.test_set, "test"))
+                metrics["total_epochs"] = self.total_epochs
+                self.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
+                if callback is not None:
+                    callback(metrics, self)
+        status = "finished" if self.epoch == self.total_epochs else "stopped"
+        return TrainResult(status, self.epoch, metrics, self.history)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "phase_index": self._phase_index,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "method": self.method.state_dict(), "history": self.history,
+                "phase_results": self.phase_results}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.epoch = state["epoch"]
+        self.history = list(state["history"])
+        self.phase_results = dict(state["phase_results"])
+        self._phase_index = None
+        if state["phase_index"] is not None and self.epoch < self.total_epochs:
+            index, e = self.locate(self.epoch)
+            if index == state["phase_index"]:  # resume inside the phase the optimizer belongs to
+                self._enter_phase(index, resumed=True)
+                self.optimizer.load_state_dict(state["optimizer"])
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

@@ -1,0 +1,131 @@
+"""GPU check, run on the device machine (no Ray/Optuna/MLflow there): one prepared script.
+
+1. ``ltsearch train`` CIFAR-10-LT IF=100, ResNet-32, CE, 3 epochs, compiled (issue: epoch times),
+   and the same eagerly (``train.compile: false``) for the compile speed-up ratio.
+2. BBN and feature augmentation on CIFAR-10-LT IF=100 at once (the GPU is far from full with
+   ResNet-32 at batch 128), with as many epochs as the time budget allows.
+Everything lands in ``--out``; a summary is printed at the end.
+
+    python scripts/device_check.py --archive .devdata/cifar10-jpeg.tar.gz --out $OUT --budget 420
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def config(root: str, method: dict, **train) -> dict:
+    return {"seed": 0,
+            "data": {"source": "cifar10", "root": root, "imbalance_factor": 100, "val_per_class": 0},
+            "model": {"arch": "resnet32"},
+            "train": {"preset": "cifar_lt", **train},
+            "method": method}
+
+
+def launch(name: str, cfg: dict, out: Path, epochs: int | None = None,
+           minutes: float | None = None) -> tuple[subprocess.Popen, Path]:
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "ltsearch.cli", "train", str(path), "--out", str(out / name)]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    if minutes:
+        cmd += ["--time-limit", f"{minutes:.2f}"]
+    log = open(out / f"{name}.log", "w")
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out / name / "metrics.json"
+
+
+def read(metrics: Path) -> dict:
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archive", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=420, help="seconds for step 2")
+    ap.add_argument("--max-per-class", type=int, help="smoke test on the CPU: a tiny subset")
+    ap.add_argument("--epochs", type=int, help="force the epochs of step 2")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = Path("/tmp/ltsearch-data")
+    if not (data / "cifar10-jpeg").is_dir():
+        with tarfile.open(args.archive) as tar:
+            tar.extractall(data, filter="data")
+    print(f"unpacked in {time.time() - t0:.1f} s", flush=True)
+    try:
+        import torch
+        print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "torch", torch.__version__, flush=True)
+    except Exception as e:  # pragma: no cover
+        print("torch probe failed:", e)
+
+    def cfg(method, **train):
+        c = config(str(data), method, **train)
+        if args.max_per_class:
+            c["data"]["max_per_class"] = args.max_per_class
+        return c
+
+    summary = {}
+    # 1. three epochs, compiled then eager
+    for name, compile_ in (("ce3_compiled", True), ("ce3_eager", False)):
+        p, m = launch(name, cfg({"name": "ce"}, compile=compile_), out, epochs=3)
+        p.wait()
+        r = read(m)
+        times = [h["epoch_time_s"] for h in r.get("history", [])]
+        summary[name] = {"status": r.get("status"), "epoch_times_s": times,
+                         "images_per_s": [h["images_per_s"] for h in r.get("history", [])]}
+        print(name, summary[name], flush=True)
+    c, e = summary["ce3_compiled"]["epoch_times_s"], summary["ce3_eager"]["epoch_times_s"]
+    if len(c) == 3 and len(e) == 3:
+        summary["compile_speedup_steady"] = e[-1] / c[-1]
+        print(f"steady-state epoch: eager {e[-1]:.2f} s, compiled {c[-1]:.2f} s, "
+              f"ratio {e[-1] / c[-1]:.2f}x", flush=True)
+
+    # 2. BBN + feature augmentation concurrently, epochs from the measured epoch time
+    epoch_s = c[-1] if c else 5.0
+    if args.epochs:
+        epochs = args.epochs
+    else:
+        # BBN runs two forward passes per step; both jobs share the GPU.
+        epochs = int(min(200, max(5, args.budget / (epoch_s * 2.2 * 1.3))))
+    fa_epochs = max(5, int(epochs * 0.95))
+    minutes = args.budget / 60 * 1.1  # a guard: stop, evaluate and write what was reached
+    print(f"step 2: BBN {epochs} epochs, feature_aug {fa_epochs}+10 epochs", flush=True)
+    jobs = {
+        "bbn": launch("bbn", cfg({"name": "bbn", "schedule": "parabolic_decay"}, preset="bbn_cifar"),
+                      out, epochs=epochs, minutes=minutes),
+        "feature_aug": launch("feature_aug", cfg({"name": "feature_aug", "tau_s": 0.6, "tau_g": 0.3,
+                                                  "k": 3, "stage2_epochs": 10, "stage2_lr": 0.01}),
+                              out, epochs=fa_epochs, minutes=minutes),
+    }
+    for p, _ in jobs.values():
+        p.wait()
+    for name, (_, m) in jobs.items():
+        r = read(m)
+        hist = r.get("history", [])
+        met = r.get("metrics", {})
+        summary[name] = {
+            "status": r.get("status"), "epochs": r.get("epochs"),
+            "s_per_epoch": sum(h["epoch_time_s"] for h in hist) / max(1, len(hist)),
+            **{k: met.get(k) for k in ("test/top1", "test/many", "test/medium", "test/few",
+                                       "stage1/test/top1", "stage1/test/few")},
+        }
+        print(name, summary[name], flush=True)
+    summary["wall_s"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ltsearch.config import config_from_dict  # noqa: E402
+from ltsearch.data import build_data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+# digits-LT: IF=10 → 124 … 12 images per class; 2 epochs at batch 16 learn enough to beat chance.
+DIGITS = {
+    "data": {"source": "digits", "imbalance_factor": 10, "val_per_class": 10,
+             "augment": {"crop_pad": 1, "hflip": False}},
+    "train": {"preset": "none", "epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 0,
+              "schedule": "cosine", "device": "cpu", "threads": 2},
+}
+
+
+def make_config(method=None, **overrides):
+    import copy
+
+    d = copy.deepcopy(DIGITS)
+    d["method"] = method or {"name": "ce"}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            d.setdefault(section, {}).update(values)
+        else:
+            d[section] = values
+    return config_from_dict(d)
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    return build_data(make_config().data)

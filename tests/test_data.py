@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from ltsearch.config import config_from_dict
+from ltsearch.data import DataError, build_data, class_counts, select_longtail
+from ltsearch.data.sources import load_image_folder_pools
+
+
+def test_cifar_lt_counts_match_published_totals():
+    c10 = class_counts("exp", 5000, 10, 100)
+    assert sum(c10) == 12406 and c10[0] == 5000 and c10[-1] == 50
+    c100 = class_counts("exp", 500, 100, 100)
+    assert sum(c100) == 10847 and c100[0] == 500 and c100[-1] == 5
+    # n_i = int(n_max · IF^(−i/(C−1)))
+    assert c10[3] == int(5000 * 0.01 ** (3 / 9))
+
+
+def test_step_profile_and_balanced():
+    assert class_counts("step", 100, 10, 10) == [100] * 5 + [10] * 5
+    assert class_counts("step", 100, 10, 10, step_minor_fraction=0.3) == [100] * 7 + [10] * 3
+    assert class_counts("none", 7, 3, 50) == [7, 7, 7]
+    with pytest.raises(DataError, match="imbalance factor"):
+        class_counts("exp", 100, 10, 0.5)
+
+
+def test_selection_reproduces_ldam_drw():
+    """LDAM-DRW: np.random.seed(0); per class in label order shuffle its indices, keep first n."""
+    labels = np.repeat(np.arange(4), 50)
+    counts = [50, 20, 8, 3]
+    np.random.seed(0)
+    expected = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        expected.append(idx[:n])
+    train, val = select_longtail(labels, counts, val_per_class=0, seed=0)
+    np.testing.assert_array_equal(train, np.concatenate(expected))
+    assert len(val) == 0
+    # A validation split comes from the end of each shuffled order: tail subsets are unchanged.
+    train_v, val_v = select_longtail(labels, counts, val_per_class=5, seed=0)
+    assert set(train_v[len(train_v) - 31:]) == set(np.concatenate(expected[1:]))
+    assert len(set(train_v) & set(val_v)) == 0
+    assert np.bincount(labels[val_v]).tolist() == [5, 5, 5, 5]
+
+
+def test_digits_longtail(digits_data):
+    d = digits_data
+    assert d.counts == sorted(d.counts, reverse=True)
+    assert d.counts[0] / d.counts[-1] == pytest.approx(10, rel=0.15)
+    assert np.bincount(d.val.y).tolist() == [10] * 10
+    assert np.bincount(d.test.y).tolist() == [40] * 10
+    assert d.train.x.dtype == np.uint8 and d.train.x.shape[1:] == (1, 8, 8)
+
+
+def _write_tree(root, classes=("cat", "dog"), per_class=(6, 3), size=8, corrupt=None):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, n in zip(classes, per_class):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(folder / f"{i:03d}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"not an image at all")
+
+
+def test_image_folder_tree(tmp_path):
+    _write_tree(tmp_path)
+    pools = load_image_folder_pools(tmp_path)
+    assert pools.classes == ["cat", "dog"]
+    cfg = config_from_dict({"data": {"source": "imagefolder", "root": str(tmp_path),
+                                     "imbalance_factor": 2, "val_per_class": 1}})
+    data = build_data(cfg.data)
+    assert data.counts == [5, 2] and len(data.val) == 2 and len(data.test) == 9
+    assert data.train.x.shape[1:] == (3, 8, 8)
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    _write_tree(tmp_path, corrupt="test/dog/001.png")
+    cfg = config_from_dict({"data": {"source": "imagefolder", "root": str(tmp_path)}})
+    with pytest.raises(DataError, match=r"dog/001\.png"):
+        build_data(cfg.data)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        build_data(config_from_dict({"data": {"source": "imagefolder",
+                                              "root": str(tmp_path / "nope")}}).data)
+    _write_tree(tmp_path)
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "test" / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty class folder: .*train/empty"):
+        build_data(config_from_dict({"data": {"source": "imagefolder", "root": str(tmp_path)}}).data)
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+    _write_tree(tmp_path)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "train" / "cat" / "big.png")
+    data = {"source": "imagefolder", "root": str(tmp_path), "val_per_class": 1, "profile": "none"}
+    with pytest.raises(DataError, match=r"big\.png.*data.image_size"):
+        build_data(config_from_dict({"data": data}).data)
+    cfg = config_from_dict({"data": {**data, "image_size": 8}})
+    assert build_data(cfg.data).train.x.shape[2:] == (8, 8)
+
+
+def test_cifar_missing_root(tmp_path):
+    cfg = config_from_dict({"data": {"source": "cifar10", "root": str(tmp_path)}})
+    with pytest.raises(DataError, match="cifar10"):
+        build_data(cfg.data)
