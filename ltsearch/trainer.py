@@ -68,7 +68,8 @@ class Trainer:
         self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
                                       channels_last=self.cuda)
         self.val_set = DeviceImages(data.val, self.device, mean, std, channels_last=self.cuda)
-        self.test_set = DeviceImages(data.test, self.device, mean, std, channels_last=self.cuda)
+        self.test_set = (self.val_set if data.val is data.test else
+                         DeviceImages(data.test, self.device, mean, std, channels_last=self.cuda))
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
                             self.device)
@@ -226,9 +227,13 @@ class Trainer:
                 return TrainResult("diverged", self.epoch, metrics, self.history, error)
             last = self.epoch == self.total_epochs
             if last or self.epoch % self.cfg.train.eval_every == 0:
-                metrics.update(self.evaluate(self.val_set, "val"))
                 if last:
-                    metrics.update(self.evaluate(self.test_set, "test"))
+                    test = self.evaluate(self.test_set, "test")
+                    metrics.update(test)
+                if last and self.data.val is self.data.test:  # no split: don't evaluate twice
+                    metrics.update({"val/" + k[5:]: v for k, v in test.items()})
+                else:
+                    metrics.update(self.evaluate(self.val_set, "val"))
                 metrics["total_epochs"] = self.total_epochs
                 self.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
                 if callback is not None:

@@ -15,11 +15,11 @@ from ltsearch.data import build_data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
-# digits-LT: IF=10 → 124 … 12 images per class; 2 epochs at batch 16 learn enough to beat chance.
+# digits-LT: IF=10 → 124 … 12 images per class; 2 epochs at batch 32 reach ≈0.8 balanced accuracy.
 DIGITS = {
     "data": {"source": "digits", "imbalance_factor": 10, "val_per_class": 10,
-             "augment": {"crop_pad": 1, "hflip": False}},
-    "train": {"preset": "none", "epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 0,
+             "augment": {"crop_pad": 0, "hflip": False}},
+    "train": {"preset": "none", "epochs": 2, "batch_size": 32, "lr": 0.02, "warmup_epochs": 0,
               "schedule": "cosine", "device": "cpu", "threads": 2},
 }
 

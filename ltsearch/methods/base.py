@@ -53,6 +53,15 @@ class Phase:
     reset_classifier: bool = False
 
 
+def classifier_phase(name: str, epochs: int, lr: float, train: TrainConfig,
+                     reset: bool = False) -> Phase:
+    """A classifier-only phase on frozen features: same batch and momentum, cosine lr to 0."""
+    optim = OptimConfig(epochs=epochs, batch_size=train.batch_size, lr=lr, momentum=train.momentum,
+                        weight_decay=train.weight_decay, warmup_epochs=0, schedule="cosine",
+                        milestones=[])
+    return Phase(name, optim, classifier_only=True, reset_classifier=reset)
+
+
 @dataclass
 class Batch:
     x: torch.Tensor
@@ -96,6 +105,11 @@ class Method:
     def check_config(cls, params: Any, train: TrainConfig) -> None:
         """Rules that tie the method's parameters to the rest of the config; raise
         ``ConfigError`` with the parameter's name as key."""
+
+    @classmethod
+    def extra_epochs(cls, params: Any) -> int:
+        """Epochs the method adds after ``train.epochs`` (a second phase), for ASHA's max_t."""
+        return 0
 
     # --- model and phases --------------------------------------------------------------------
     def build_model(self, body: nn.Sequential, feat_dim: int) -> nn.Module:

@@ -18,9 +18,9 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from ltsearch.config import ConfigError, OptimConfig, spec
+from ltsearch.config import ConfigError, spec
 from ltsearch.data.samplers import Sampler
-from ltsearch.methods.base import Method, NoParams, Phase, get_method, register
+from ltsearch.methods.base import Method, NoParams, Phase, classifier_phase, get_method, register
 
 
 def class_activation_map(fmap: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -93,11 +93,25 @@ class FeatureAugParams:
         if not self.tau_g < self.tau_s:
             raise ConfigError("tau_g", f"must be below tau_s ({self.tau_s}), got {self.tau_g}")
 
+    @staticmethod
+    def check_ranges(ranges: dict) -> None:
+        """In a search space every τg must lie below every τs, so no sampled pair is invalid."""
+        defaults = FeatureAugParams()
+        s_lo = ranges.get("tau_s", (defaults.tau_s,) * 2)[0]
+        g_hi = ranges.get("tau_g", (defaults.tau_g,) * 2)[1]
+        if not g_hi < s_lo:
+            raise ConfigError("tau_g", f"range reaches {g_hi}, not below the lowest tau_s {s_lo}; "
+                                       "τg < τs must hold for every sampled pair")
+
 
 @register
 class FeatureAug(Method):
     name = "feature_aug"
     Params = FeatureAugParams
+
+    @classmethod
+    def extra_epochs(cls, params):
+        return params.stage2_epochs
 
     def __init__(self, params, ctx, train):
         super().__init__(params, ctx, train)
@@ -117,11 +131,9 @@ class FeatureAug(Method):
         self.cam_weight: torch.Tensor | None = None
 
     def phases(self):
-        optim = OptimConfig(epochs=self.params.stage2_epochs, batch_size=self.train_cfg.batch_size,
-                            lr=self.params.stage2_lr, momentum=self.train_cfg.momentum,
-                            weight_decay=self.train_cfg.weight_decay, warmup_epochs=0,
-                            schedule="cosine", milestones=[])
-        return [Phase("stage1", self.train_cfg), Phase("stage2", optim, classifier_only=True)]
+        p = self.params
+        return [Phase("stage1", self.train_cfg),
+                classifier_phase("stage2", p.stage2_epochs, p.stage2_lr, self.train_cfg)]
 
     @torch.no_grad()
     def on_phase_start(self, phase, phase_index, resumed):

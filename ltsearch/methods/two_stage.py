@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ltsearch.config import ConfigError, OptimConfig, spec
-from ltsearch.methods.base import Method, Phase, register
+from ltsearch.config import ConfigError, spec
+from ltsearch.methods.base import Method, Phase, classifier_phase, register
 from ltsearch.methods.reweight import class_weights, weighted_loss
 
 
@@ -38,6 +38,10 @@ class TwoStage(Method):
             raise ConfigError("defer_epoch",
                               f"must be below train.epochs ({train.epochs}), got {params.defer_epoch}")
 
+    @classmethod
+    def extra_epochs(cls, params):
+        return params.crt_epochs if params.variant == "crt" else 0
+
     def __init__(self, params, ctx, train):
         super().__init__(params, ctx, train)
         self.weights = class_weights(ctx.counts, "effective", params.beta).to(ctx.device)
@@ -46,11 +50,8 @@ class TwoStage(Method):
         stage1 = [Phase("stage1", self.train_cfg)]
         if self.params.variant != "crt":
             return stage1
-        optim = OptimConfig(epochs=self.params.crt_epochs, batch_size=self.train_cfg.batch_size,
-                            lr=self.params.crt_lr, momentum=self.train_cfg.momentum,
-                            weight_decay=self.train_cfg.weight_decay, warmup_epochs=0,
-                            schedule="cosine", milestones=[])
-        return stage1 + [Phase("crt", optim, classifier_only=True, reset_classifier=True)]
+        return stage1 + [classifier_phase("crt", self.params.crt_epochs, self.params.crt_lr,
+                                          self.train_cfg, reset=True)]
 
     def _deferred(self, phase, epoch):
         return phase.name == "stage1" and epoch >= self.params.defer_epoch

@@ -1,0 +1,168 @@
+"""The search folder's own record of its trials (``trials.json``), kept by the driver.
+
+Export, the leaderboard and ``best_config.yaml`` read it, so they need neither Ray nor MLflow,
+and it survives a killed driver: it is rewritten atomically after every result.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from ray.tune import Callback
+
+TRIALS_FILE = "trials.json"
+SCALAR_METRICS = ("val/top1", "val/balanced_acc", "val/many", "val/medium", "val/few",
+                  "test/top1", "test/balanced_acc", "test/many", "test/medium", "test/few",
+                  "train/loss")
+
+
+def trial_status(record: dict) -> str:
+    return record["status"]
+
+
+def finished_status(result: Optional[dict]) -> str:
+    """COMPLETED when the trial ran all its epochs, else PRUNED (a scheduler stopped it)."""
+    if result and result.get("epoch") is not None and result.get("epoch") >= result.get("total_epochs", 1e9):
+        return "COMPLETED"
+    return "PRUNED"
+
+
+def scalars(result: dict) -> dict:
+    return {k: v for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k}
+
+
+class TrialRecords:
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / TRIALS_FILE
+        self.trials: dict[str, dict] = {}
+        if self.path.is_file():
+            self.trials = json.loads(self.path.read_text())
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.trials, indent=1, default=_nan_to_none))
+        os.replace(tmp, self.path)
+
+    def update(self, trial_id: str, **fields) -> None:
+        self.trials.setdefault(trial_id, {"trial_id": trial_id}).update(fields)
+        self.save()
+
+    def ranked(self, metric: str, mode: str, completed_only: bool = True) -> list[dict]:
+        rows = [r for r in self.trials.values()
+                if (not completed_only or r["status"] == "COMPLETED") and _finite(r["metrics"].get(metric))]
+        return sorted(rows, key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+
+    def leaderboard(self, metric: str, mode: str) -> list[dict]:
+        """The best trial per method by ``metric`` (completed trials first, then any)."""
+        best: dict[str, dict] = {}
+        for r in self.ranked(metric, mode, completed_only=False):
+            cur = best.get(r["method"])
+            if cur is None or (cur["status"] != "COMPLETED" and r["status"] == "COMPLETED"):
+                best[r["method"]] = r
+        return sorted(best.values(), key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+
+    def write_csv(self, path: Path) -> None:
+        keys = sorted({k for r in self.trials.values() for k in _flatten(r["config"])})
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["trial_id", "method", "status", "epochs", "total_epochs", "node_id",
+                        *SCALAR_METRICS, *keys])
+            for r in self.trials.values():
+                flat = _flatten(r["config"])
+                w.writerow([r["trial_id"], r["method"], r["status"], r.get("epochs"),
+                            r.get("total_epochs"), r.get("node_id"),
+                            *[r["metrics"].get(m) for m in SCALAR_METRICS],
+                            *[flat.get(k) for k in keys]])
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _nan_to_none(v):
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+flatten = _flatten
+
+
+def format_leaderboard(rows: list[dict], metric: str) -> str:
+    head = f"{'method':<12} {'trial':<10} {'status':<9} {'epochs':>6} {metric:>18} " \
+           f"{'test top1':>9} {'many':>6} {'medium':>6} {'few':>6}"
+    lines = [head, "-" * len(head)]
+
+    def f(v, w=6):
+        return f"{v:>{w}.3f}" if _finite(v) else f"{'-':>{w}}"
+
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"{r['method']:<12} {r['trial_id'][-10:]:<10} {r['status']:<9} "
+                     f"{r.get('epochs', 0):>6} {f(m.get(metric), 18)} {f(m.get('test/top1'), 9)} "
+                     f"{f(m.get('test/many'))} {f(m.get('test/medium'))} {f(m.get('test/few'))}")
+    return "\n".join(lines)
+
+
+def write_config(config: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+class RecordsCallback(Callback):
+    """Keeps ``trials.json`` current from the driver."""
+
+    def __init__(self, folder: Path, space):
+        self.folder = Path(folder)
+        self.space = space
+
+    def _records(self) -> TrialRecords:
+        return TrialRecords(self.folder)
+
+    def trial_config(self, trial) -> dict:
+        cfg = self.space.trial_config(trial.config)
+        cfg.setdefault("train", {})["threads"] = max(1, int(self.space.settings.resources.cpu))
+        return cfg
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = self.trial_config(trial)
+        rec = self._records()
+        old = rec.trials.get(trial.trial_id, {})
+        rec.update(trial.trial_id, method=cfg["method"]["name"], config=cfg, status="RUNNING",
+                   epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
+                   metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._records().update(trial.trial_id, epochs=result.get("epoch"),
+                               total_epochs=result.get("total_epochs"), metrics=scalars(result),
+                               node_id=result.get("node_id"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._records().update(trial.trial_id, status=finished_status(trial.last_result))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = getattr(trial, "error_file", None)
+        self._records().update(trial.trial_id, status="FAILED", error=_error_text(trial) or error)
+
+
+def _error_text(trial) -> Optional[str]:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text().strip().splitlines()
+        return text[-1] if text else None
+    except OSError:
+        return None

@@ -1,0 +1,177 @@
+"""``ltsearch search``: Ray Tune + Optuna (define-by-run TPE) + ASHA, tracked in MLflow.
+
+Order of work: validate the search file and load + long-tail the data on the driver (bad input
+exits 2 before any Ray worker starts), start or join Ray, put the data in the object store once,
+run the Tuner, then write the leaderboard and ``best_config.yaml``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ltsearch.config import ConfigError, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def _prune_aware_optuna():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruneAwareOptunaSearch(OptunaSearch):
+        """Tells Optuna that trials ASHA stopped were PRUNED (with the intermediate values
+        already reported per epoch), not COMPLETE with an early value (Ray's default)."""
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            stopped_early = (not error and result is not None and result.get("epoch") is not None
+                             and result["epoch"] < result.get("total_epochs", result["epoch"]))
+            if not stopped_early or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+
+    return PruneAwareOptunaSearch
+
+
+@dataclass
+class SearchOutcome:
+    folder: Path
+    records: "object"
+    best_config: Optional[Path]
+    leaderboard: str
+    parent_run_id: str
+    tracking_uri: str
+
+
+def search_name(path: str | Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)
+
+
+def run_search(space, *, name: str, storage: str | Path = "searches", address: Optional[str] = None,
+               tracking_uri: Optional[str] = None, resume: bool = False,
+               verbose: int = 1) -> SearchOutcome:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from ltsearch import tracking
+    from ltsearch.data import build_data
+    from ltsearch.search.records import (RecordsCallback, TrialRecords, format_leaderboard,
+                                         write_config)
+    from ltsearch.search.trial import run_trial
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tracking.prepare_environment()
+    folder = (Path(storage) / name).resolve()
+    if resume and not folder.is_dir():
+        raise ConfigError("--resume", f"no search to resume at {folder}")
+    if not resume and (folder / "tuner.pkl").exists():
+        raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
+                                    "pass --resume to continue it or choose another --name")
+    base = config_from_dict(space.base)
+    data = build_data(base.data)  # once, on the driver
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "search.yaml").write_text(_dump(space.source))
+
+    settings = space.settings
+    uri = tracking_uri or tracking.default_tracking_uri()
+    exp_id = tracking.experiment_id(uri, settings.experiment or "ltsearch")
+    parent = tracking.start_parent_run(uri, exp_id, folder, name, {
+        "search.metric": settings.metric, "search.mode": settings.mode,
+        "search.num_samples": settings.num_samples, "search.seed": settings.seed,
+        "search.max_concurrent": settings.max_concurrent,
+        "search.methods": ",".join(space.methods), "data": data.summary()})
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
+                 configure_logging=False)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, space=space),
+        {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
+    callbacks = [RecordsCallback(folder, space),
+                 tracking.MLflowTracker(uri, exp_id, parent, space, data.classes, data.counts)]
+
+    if resume:
+        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        tuner._local_tuner._run_config.callbacks = callbacks  # the pickled ones are stale
+    else:
+        storage_db = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+        searcher = _prune_aware_optuna()(
+            space=space.define, metric=settings.metric, mode=settings.mode,
+            sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
+            storage=storage_db, study_name=name)
+        max_t = space.max_epochs()
+        if settings.asha.enabled:
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t,
+                                      grace_period=min(settings.asha.grace_period, max_t),
+                                      reduction_factor=settings.asha.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+                scheduler=scheduler, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(folder.parent), callbacks=callbacks, verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    started = time.time()
+    tuner.fit()
+
+    records = TrialRecords(folder)
+    rows = records.leaderboard(settings.metric, settings.mode)
+    board = format_leaderboard(rows, settings.metric)
+    (folder / "leaderboard.txt").write_text(board + "\n")
+    records.write_csv(folder / "trials.csv")
+    ranked = records.ranked(settings.metric, settings.mode)
+    best_path = None
+    if ranked:
+        best_path = folder / "best_config.yaml"
+        write_config(ranked[0]["config"], best_path)
+    else:
+        log.warning("no trial ran to the end; best_config.yaml not written")
+    tracking.end_parent_run(uri, parent, [folder / "search.yaml", folder / "leaderboard.txt",
+                                          folder / "trials.csv"] + ([best_path] if best_path else []))
+    log.info("search took %.0f s", time.time() - started)
+    return SearchOutcome(folder, records, best_path, board, parent, uri)
+
+
+def _dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def main_search(args) -> int:
+    from ltsearch.search.space import load_search_file
+
+    overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+    space = load_search_file(args.space, overrides)
+    name = args.name or search_name(args.space)
+    outcome = run_search(space, name=name, storage=args.storage, address=args.address,
+                         tracking_uri=args.tracking_uri, resume=args.resume)
+    n = len(outcome.records.trials)
+    counts = {}
+    for r in outcome.records.trials.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"\nsearch {name}: {n} trials ({', '.join(f'{v} {k.lower()}' for k, v in sorted(counts.items()))})")
+    print(f"best trial per method (by {space.settings.metric}):\n{outcome.leaderboard}")
+    if outcome.best_config:
+        print(f"\nbest config: {outcome.best_config}\n  train it: ltsearch train {outcome.best_config}")
+    print(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,48 @@
+"""CIFAR-10-LT from the JPEG copy in ../shared/data (unpacked to a temporary folder)."""
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import CIFAR_ARCHIVE
+from ltsearch.config import config_from_dict
+from ltsearch.data import build_data
+from ltsearch.trainer import Trainer
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"{CIFAR_ARCHIVE} is absent")]
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_ARCHIVE) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def test_cifar10_lt_one_epoch(cifar_root):
+    cfg = config_from_dict({
+        "data": {"source": "cifar10", "root": str(cifar_root), "imbalance_factor": 100,
+                 "val_per_class": 0},
+        "train": {"epochs": 1, "warmup_epochs": 1, "device": "cpu", "threads": 2,
+                  "eval_batch_size": 2000},
+    })
+    data = build_data(cfg.data)
+    assert len(data.train) == 12406
+    assert data.counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert len(data.test) == 10000 and np.bincount(data.test.y).tolist() == [1000] * 10
+    assert data.classes[0] == "airplane" and data.classes[-1] == "truck"
+    assert data.train.x.shape[1:] == (3, 32, 32)
+    result = Trainer(cfg, data).fit()
+    assert result.status == "finished" and np.isfinite(result.metrics["train/loss"])
+    assert sum(sum(row) for row in result.metrics["test/confusion"]) == 10000
+
+
+def test_cifar10_validation_split_comes_first(cifar_root):
+    cfg = config_from_dict({"data": {"source": "cifar10", "root": str(cifar_root),
+                                     "imbalance_factor": 100, "val_per_class": 20}})
+    data = build_data(cfg.data)
+    # Only the head class runs short (5000 − 20); the tail subsets are LDAM-DRW's.
+    assert data.counts == [4980, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert np.bincount(data.val.y).tolist() == [20] * 10

@@ -1,0 +1,98 @@
+"""Samplers' class frequencies against theory; loss weights against their formulas."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ltsearch.data.samplers import ClassIndex, make_sampler
+from ltsearch.methods.reweight import class_weights, effective_number, weighted_loss
+
+COUNTS = [400, 150, 60, 25, 10]
+
+
+def _index():
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(COUNTS)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    return ClassIndex(labels, len(COUNTS)), labels
+
+
+def _check_frequencies(idx, labels, expected, n):
+    freq = np.bincount(labels[idx].numpy(), minlength=len(COUNTS)) / n
+    expected = np.asarray(expected, dtype=float)
+    # 5 standard deviations of a binomial proportion: fails on a wrong p, not on chance.
+    bound = 5 * np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= bound), (freq, expected, bound)
+
+
+@pytest.mark.parametrize("name,theory", [
+    ("balanced", lambda n: [1 / len(n)] * len(n)),
+    ("sqrt", lambda n: [math.sqrt(c) / sum(map(math.sqrt, n)) for c in n]),
+    ("reversed", lambda n: [(max(n) / c) / sum(max(n) / d for d in n) for c in n]),
+])
+def test_class_sampler_frequencies(name, theory):
+    index, labels = _index()
+    n = 200_000
+    idx = make_sampler(name, index).draw(n, 0, 10, torch.Generator().manual_seed(0))
+    _check_frequencies(idx, labels, theory(COUNTS), n)
+
+
+def test_reversed_is_proportional_to_inverse_count():
+    index, _ = _index()
+    p = make_sampler("reversed", index).class_probs(0, 1).numpy()
+    np.testing.assert_allclose(p * np.asarray(COUNTS), (p * np.asarray(COUNTS))[0], rtol=1e-6)
+
+
+def test_progressive_moves_from_instance_to_balanced():
+    index, labels = _index()
+    s = make_sampler("progressive", index)
+    inst = np.asarray(COUNTS) / sum(COUNTS)
+    np.testing.assert_allclose(s.class_probs(0, 10).numpy(), inst, rtol=1e-6)
+    half = 0.5 * inst + 0.5 / len(COUNTS)
+    np.testing.assert_allclose(s.class_probs(5, 10).numpy(), half, rtol=1e-6)
+    n = 200_000
+    _check_frequencies(s.draw(n, 5, 10, torch.Generator().manual_seed(3)), labels, half, n)
+
+
+def test_instance_sampler_is_a_permutation():
+    index, labels = _index()
+    idx = make_sampler("instance", index).draw(len(labels), 0, 1, torch.Generator().manual_seed(0))
+    assert sorted(idx.tolist()) == list(range(len(labels)))
+
+
+def test_effective_number_weights_match_formula():
+    beta = 0.999
+    e = effective_number(torch.tensor(COUNTS), beta)
+    for n, en in zip(COUNTS, e.tolist()):
+        assert en == pytest.approx((1 - beta ** n) / (1 - beta), rel=1e-9)
+    w = class_weights(COUNTS, "effective", beta)
+    raw = [(1 - beta) / (1 - beta ** n) for n in COUNTS]
+    expected = [r * len(COUNTS) / sum(raw) for r in raw]
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    assert float(w.sum()) == pytest.approx(len(COUNTS))
+
+
+def test_other_weightings():
+    inv = class_weights(COUNTS, "inverse").numpy()
+    np.testing.assert_allclose(inv * COUNTS, (inv * COUNTS)[0], rtol=1e-6)
+    sq = class_weights(COUNTS, "sqrt").numpy()
+    np.testing.assert_allclose(sq * np.sqrt(COUNTS), (sq * np.sqrt(COUNTS))[0], rtol=1e-6)
+    # β → 0 makes every effective number 1: no re-weighting.
+    np.testing.assert_allclose(class_weights(COUNTS, "effective", 0.0).numpy(), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        class_weights(COUNTS, "effective", 1.0)
+
+
+def test_focal_loss_formula():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    y = torch.tensor([0])
+    w = torch.tensor([0.5, 1.0, 1.5])
+    gamma = 2.0
+    p = torch.sigmoid(logits[0])
+    target = torch.tensor([1.0, 0.0, 0.0])
+    p_t = target * p + (1 - target) * (1 - p)
+    expected = (-(1 - p_t) ** gamma * torch.log(p_t)).sum() * w[0]
+    assert float(weighted_loss(logits, y, w, "focal", gamma)) == pytest.approx(float(expected), rel=1e-5)
+    # γ = 0 is the sigmoid loss
+    assert float(weighted_loss(logits, y, w, "focal", 0.0)) == pytest.approx(
+        float(weighted_loss(logits, y, w, "sigmoid")), rel=1e-6)
