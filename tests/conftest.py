@@ -40,3 +40,32 @@ def make_config(method=None, **overrides):
 @pytest.fixture(scope="session")
 def digits_data():
     return build_data(make_config().data)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_search(**space):
+    """A small digits-LT search file (3 epochs) over ``space['method']``."""
+    return {
+        "base": copy_base(),
+        "search": {"num_samples": 6, "max_concurrent": 2, "resources": {"cpu": 1},
+                   "asha": {"grace_period": 1, "reduction_factor": 2}, "seed": 0},
+        "space": space,
+    }
+
+
+def copy_base():
+    import copy
+
+    base = copy.deepcopy(DIGITS)
+    base["train"]["epochs"] = 3
+    del base["train"]["device"]
+    return base

@@ -96,3 +96,10 @@ def test_focal_loss_formula():
     # γ = 0 is the sigmoid loss
     assert float(weighted_loss(logits, y, w, "focal", 0.0)) == pytest.approx(
         float(weighted_loss(logits, y, w, "sigmoid")), rel=1e-6)
+
+
+def test_focal_gradient_is_finite_when_saturated():
+    logits = torch.tensor([[60.0, -60.0, -60.0]], requires_grad=True)
+    loss = weighted_loss(logits, torch.tensor([0]), None, "focal", 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

@@ -52,10 +52,10 @@ def weighted_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor |
     onehot = F.one_hot(y, logits.shape[1]).float()
     bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     if loss == "focal" and gamma > 0:
-        # (1 − p_t)^γ with p_t the probability of the true label of each binary task.
-        p = torch.sigmoid(logits)
-        p_t = onehot * p + (1 - onehot) * (1 - p)
-        bce = bce * (1 - p_t).pow(gamma)
+        # (1 − p_t)^γ = exp(γ · log σ(−z_t)), z_t = ±z toward the true label of each binary
+        # task: finite gradients even where σ saturates (pow would give 0·∞ = NaN for γ < 1).
+        z_t = torch.where(onehot > 0, logits, -logits)
+        bce = bce * torch.exp(gamma * F.logsigmoid(-z_t))
     per_sample = bce.sum(dim=1)
     if weights is not None:
         per_sample = per_sample * weights[y]

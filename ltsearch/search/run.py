@@ -25,16 +25,31 @@ def _prune_aware_optuna():
     from ray.tune.search.optuna import OptunaSearch
 
     class PruneAwareOptunaSearch(OptunaSearch):
-        """Tells Optuna that trials ASHA stopped were PRUNED (with the intermediate values
-        already reported per epoch), not COMPLETE with an early value (Ray's default)."""
+        """Optuna sees every epoch's value at step = epoch, and trials that ASHA stopped are
+        told as PRUNED with those intermediate values, not COMPLETE with an early value (Ray's
+        default). Tune hands the last result of a trial to ``on_trial_complete`` only, so it is
+        reported there too."""
+
+        def _report(self, trial_id, result):
+            value, epoch = result.get(self.metric), result.get("epoch")
+            steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
+            if value is not None and epoch is not None and epoch not in steps:
+                self._ot_trials[trial_id].report(value, epoch)
+                steps.add(epoch)
+
+        def on_trial_result(self, trial_id, result):
+            if trial_id not in self._completed_trials:
+                self._report(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            stopped_early = (not error and result is not None and result.get("epoch") is not None
-                             and result["epoch"] < result.get("total_epochs", result["epoch"]))
-            if not stopped_early or trial_id in self._completed_trials:
+            if trial_id in self._completed_trials or error or not result:
                 return super().on_trial_complete(trial_id, result, error)
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+            self._report(trial_id, result)
+            if result["epoch"] < result.get("total_epochs", result["epoch"]):
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+            else:
+                super().on_trial_complete(trial_id, result, error)
 
     return PruneAwareOptunaSearch
 

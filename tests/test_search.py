@@ -1,0 +1,134 @@
+"""The search with real Ray (local, session fixture), real Optuna and real MLflow (sqlite)."""
+import json
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_search
+from ltsearch.cli import main
+from ltsearch.search.run import run_search
+from ltsearch.search.space import parse_search_file
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, tmp_path_factory):
+    """8 trials over ce / reweight with ASHA; lr 1e30 makes some trials diverge (a real fault)."""
+    tmp = tmp_path_factory.mktemp("search")
+    data = tiny_search(
+        train={"lr": {"choice": [0.02, 1.0e+30]}},
+        method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "effective"]},
+                                       "beta": {"uniform": [0.9, 0.99], "when": {"weighting": "effective"}}}})
+    data["search"]["num_samples"] = 10
+    space = parse_search_file(data)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    outcome = run_search(space, name="tiny", storage=tmp / "searches", tracking_uri=uri, verbose=0)
+    return outcome, space, tmp
+
+
+def test_records_and_leaderboard(search):
+    outcome, space, _ = search
+    trials = outcome.records.trials
+    assert len(trials) == 10
+    statuses = {r["status"] for r in trials.values()}
+    assert statuses <= {"COMPLETED", "PRUNED", "FAILED"} and "COMPLETED" in statuses
+    for r in trials.values():
+        assert r["config"]["method"]["name"] == r["method"]
+        if r["status"] == "COMPLETED":
+            assert r["epochs"] == r["total_epochs"] == 3 and "test/top1" in r["metrics"]
+    assert "method" in outcome.leaderboard and (outcome.folder / "leaderboard.txt").is_file()
+    assert outcome.best_config is not None and outcome.best_config.is_file()
+
+
+def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
+    outcome, space, _ = search
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == 10
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "ASHA stopped no trial"
+    for t in pruned:
+        assert t.intermediate_values and max(t.intermediate_values) < 3  # stopped before the end
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.intermediate_values[3] == t.value for t in complete)
+    records = outcome.records.trials
+    assert sum(r["status"] == "PRUNED" for r in records.values()) == len(pruned)
+    assert sum(r["status"] == "FAILED" for r in records.values()) == states.count(
+        optuna.trial.TrialState.FAIL)
+
+
+def test_failed_trial_is_marked_and_search_completes(search):
+    outcome, _, _ = search
+    failed = [r for r in outcome.records.trials.values() if r["status"] == "FAILED"]
+    assert failed, "no trial diverged (lr 1e30 was never drawn)"
+    assert all(r["config"]["train"]["lr"] == 1e30 for r in failed)
+    assert all("non-finite training loss" in (r["error"] or "") for r in failed)
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+
+
+def test_mlflow_parent_and_child_runs(search):
+    outcome, _, _ = search
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    exp = parent.info.experiment_id
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"search.yaml", "leaderboard.txt", "best_config.yaml", "trials.csv"} <= parent_artifacts
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 10
+    assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
+    by_trial = {c.data.tags["ltsearch.trial_id"]: c for c in children}
+    for trial_id, record in outcome.records.trials.items():
+        run = by_trial[trial_id]
+        expected = {"COMPLETED": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}[record["status"]]
+        assert run.info.status == expected
+        assert run.data.params["method.name"] == record["method"] == run.data.tags["method"]
+        assert float(run.data.params["train.lr"]) == record["config"]["train"]["lr"]
+        if record["method"] == "reweight":
+            assert ("method.beta" in run.data.params) == (record["config"]["method"]["weighting"] == "effective")
+        if record["status"] != "FAILED":
+            history = client.get_metric_history(run.info.run_id, "val/balanced_acc")
+            assert sorted(m.step for m in history) == list(range(1, record["epochs"] + 1))
+        if record["status"] == "COMPLETED":
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"config.yaml", "per_class_accuracy.csv", "per_class_accuracy.png",
+                    "confusion_matrix.png"} <= names
+
+
+def test_export_and_train_reproduce_the_best_trial(search, tmp_path):
+    outcome, space, _ = search
+    out = tmp_path / "export"
+    assert main(["export", str(outcome.folder), "--top", "2", "--out", str(out)]) == 0
+    configs = sorted(out.glob("top*.yaml"))
+    assert configs and configs[0].name.startswith("top1_")
+    assert (out / "trials.csv").read_text().count("\n") == 11
+    best = outcome.records.ranked("val/balanced_acc", "max")[0]
+    assert main(["train", str(configs[0]), "--out", str(tmp_path / "repro"), "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "repro" / "metrics.json").read_text())["metrics"]
+    assert metrics["val/balanced_acc"] == pytest.approx(best["metrics"]["val/balanced_acc"], abs=1e-9)
+
+
+def test_bbn_and_feature_aug_trials_with_their_parameters(ray_local, tmp_path):
+    data = tiny_search(method={
+        "bbn": {"schedule": {"choice": ["parabolic_decay", "cosine_decay", "beta", "equal"]},
+                "beta_a": {"uniform": [0.2, 1.0], "when": {"schedule": "beta"}}},
+        "feature_aug": {"tau_s": {"uniform": [0.6, 0.8]}, "tau_g": {"uniform": [0.1, 0.3]},
+                        "k": {"int": [1, 3]}, "stage2_epochs": 1}})
+    data["base"]["train"]["epochs"] = 2
+    data["search"].update(num_samples=6, asha={"enabled": False})
+    outcome = run_search(parse_search_file(data), name="bbn_fa", storage=tmp_path / "s",
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    bbn = [r for r in runs if r.data.tags["method"] == "bbn"]
+    fa = [r for r in runs if r.data.tags["method"] == "feature_aug"]
+    assert len({r.data.params["method.schedule"] for r in bbn}) >= 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in fa:
+        assert float(r.data.params["method.tau_g"]) < float(r.data.params["method.tau_s"])
+        assert "stage1/test/top1" in r.data.metrics and "test/top1" in r.data.metrics
+    for r in bbn:
+        assert "alpha" in r.data.metrics
+    assert fa, "no feature_aug trial"
