@@ -19,6 +19,8 @@ from ltsearch.config import ConfigError, config_from_dict
 
 log = logging.getLogger(__name__)
 
+RAY_SUBDIR = "ray"
+
 
 def _prune_aware_optuna():
     import optuna
@@ -34,7 +36,12 @@ def _prune_aware_optuna():
             value, epoch = result.get(self.metric), result.get("epoch")
             steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
             if value is not None and epoch is not None and epoch not in steps:
-                self._ot_trials[trial_id].report(value, epoch)
+                try:
+                    self._ot_trials[trial_id].report(value, epoch)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # A resumed search re-runs a trial the study had already closed (the
+                    # driver died between the two snapshots); the study keeps its record.
+                    self._completed_trials.add(trial_id)
                 steps.add(epoch)
 
         def on_trial_result(self, trial_id, result):
@@ -45,6 +52,8 @@ def _prune_aware_optuna():
             if trial_id in self._completed_trials or error or not result:
                 return super().on_trial_complete(trial_id, result, error)
             self._report(trial_id, result)
+            if trial_id in self._completed_trials:
+                return
             if result["epoch"] < result.get("total_epochs", result["epoch"]):
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
@@ -85,12 +94,16 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot often: cheap, resumes more
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tracking.prepare_environment()
+    # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
+    # in ``folder/ray``, which Tune syncs from its own staging copy (it would overwrite ours).
     folder = (Path(storage) / name).resolve()
-    if resume and not folder.is_dir():
+    ray_dir = folder / RAY_SUBDIR
+    if resume and not (ray_dir / "tuner.pkl").is_file():
         raise ConfigError("--resume", f"no search to resume at {folder}")
-    if not resume and (folder / "tuner.pkl").exists():
+    if not resume and (ray_dir / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
     base = config_from_dict(space.base)
@@ -117,7 +130,7 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
                  tracking.MLflowTracker(uri, exp_id, parent, space, data.classes, data.counts)]
 
     if resume:
-        tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         tuner._local_tuner._run_config.callbacks = callbacks  # the pickled ones are stale
     else:
@@ -140,14 +153,24 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
                 scheduler=scheduler, reuse_actors=False),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(folder.parent), callbacks=callbacks, verbose=verbose,
+                name=RAY_SUBDIR, storage_path=str(folder), callbacks=callbacks, verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     started = time.time()
-    tuner.fit()
+    grid = tuner.fit()
 
+    # A driver killed between Tune's snapshots leaves trials Tune never recorded: close them.
+    known = {r.metrics.get("trial_id") for r in grid if r.metrics}
     records = TrialRecords(folder)
+    for trial_id, r in records.trials.items():
+        if r["status"] == "RUNNING" and trial_id not in known:
+            records.update(trial_id, status="LOST", error="the driver stopped before Ray recorded "
+                                                          "this trial; it was not resumed")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
     rows = records.leaderboard(settings.metric, settings.mode)
     board = format_leaderboard(rows, settings.metric)
     (folder / "leaderboard.txt").write_text(board + "\n")

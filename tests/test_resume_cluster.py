@@ -1,0 +1,168 @@
+"""Processes the test owns: a driver killed with SIGKILL and resumed; a multi-node Ray cluster
+(head + worker started with ``ray start``) with an ``mlflow server``, all on 127.0.0.1."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_search
+
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _start(cmd, log: Path, cwd=None):
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(),
+                            cwd=cwd, start_new_session=True)
+
+
+def _stop(proc, sig=signal.SIGTERM, timeout=20):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _trials(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "trials.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_resume_after_sigkill(tmp_path):
+    data = tiny_search(method={"ce": {}, "resample": {"sampler": {"choice": ["balanced", "sqrt"]}}})
+    data["search"].update(num_samples=5, max_concurrent=1, asha={"enabled": False})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
+           "--name", "r", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    folder = tmp_path / "searches" / "r"
+    driver = _start(cmd, tmp_path / "first.log")
+    try:
+        _wait(lambda: sum(r["status"] == "COMPLETED" for r in _trials(folder).values()) >= 2
+              and any(r["status"] == "RUNNING" for r in _trials(folder).values()), 300,
+              "two finished trials and a running one")
+    finally:
+        _stop(driver, signal.SIGKILL)  # the driver and the Ray it started, mid-search
+    before = {k: r for k, r in _trials(folder).items() if r["status"] == "COMPLETED"}
+    assert driver.returncode != 0 and len(before) >= 2
+
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = _trials(folder)
+    assert sum(r["status"] == "COMPLETED" for r in after.values()) == 5
+    # a trial started after Ray's last snapshot cannot be resumed: it is closed as LOST
+    assert all(r["status"] in ("COMPLETED", "LOST") for r in after.values())
+    for k, r in before.items():  # finished trials are kept as they were, not re-run
+        assert after[k]["metrics"] == r["metrics"]
+    assert "best trial per method" in resumed.stdout
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{folder / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 5
+    assert optuna.trial.TrialState.RUNNING not in states
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ltsearch").experiment_id
+    runs = client.search_runs([exp])
+    assert sum(r.data.tags.get("ltsearch.kind") == "search" for r in runs) == 1  # parent reused
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    finished = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial" and r.info.status == "FINISHED"]
+    assert len({r.data.tags["ltsearch.trial_id"] for r in finished}) == 5
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI not installed")
+def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
+    ray_port, mlflow_port = _free_port(), _free_port()
+    address = f"127.0.0.1:{ray_port}"
+    procs = []
+    try:
+        procs.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+                             "--include-dashboard=false"],
+                            tmp_path / "head.log"))
+        procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                             str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                            tmp_path / "mlflow.log"))
+        time.sleep(3)
+        procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0"],
+                            tmp_path / "worker.log"))
+
+        def nodes_up():
+            out = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=_env(),
+                                 capture_output=True, text=True)
+            return out.returncode == 0 and out.stdout.count("node_") >= 2
+
+        def mlflow_up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _wait(nodes_up, 120, "two Ray nodes")
+        _wait(mlflow_up, 120, "the mlflow server")
+
+        data = tiny_search(method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "inverse"]}}})
+        data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False})
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        run = subprocess.run([str(BIN / "ltsearch"), "search", str(path), "--address", address,
+                              "--tracking-uri", uri, "--storage", str(tmp_path / "s"), "--name", "c"],
+                             env=_env(), capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        trials = _trials(tmp_path / "s" / "c")
+        assert len(trials) == 4 and all(r["status"] == "COMPLETED" for r in trials.values())
+        assert len({r["node_id"] for r in trials.values()}) == 2  # trials ran on both nodes
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("ltsearch").experiment_id
+        runs = client.search_runs([exp])
+        trial_runs = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial"]
+        assert len(trial_runs) == 4 and all(r.info.status == "FINISHED" for r in trial_runs)
+        names = {a.path for a in client.list_artifacts(trial_runs[0].info.run_id)}
+        assert "confusion_matrix.png" in names
+    finally:
+        for p in reversed(procs):
+            _stop(p)
