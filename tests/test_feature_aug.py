@@ -1,0 +1,121 @@
+"""Feature-space augmentation (Chu et al., ECCV 2020)."""
+import pytest
+import torch
+
+from conftest import make_config
+from ltsearch.config import ConfigError, config_from_dict
+from ltsearch.methods.feature_aug import (class_activation_map, confusing_head_classes, fuse,
+                                          split_masks, tail_classes)
+from ltsearch.trainer import Trainer
+
+FA = {"name": "feature_aug", "tau_s": 0.6, "tau_g": 0.3, "k": 2, "aug_per_tail": 3,
+      "tail_count": 40, "stage2_epochs": 2, "stage2_lr": 0.02}
+
+
+def test_cam_of_a_hand_built_feature_map():
+    # f: 2 channels on a 2×2 grid; class 1's classifier row w = (2, −1).
+    f = torch.tensor([[[[1.0, 0.0], [2.0, 1.0]],
+                       [[0.0, 1.0], [1.0, 3.0]]]])
+    w = torch.tensor([[0.0, 0.0], [2.0, -1.0]])
+    # M = 2·f0 − f1 = [[2, −1], [3, −1]]; min −1, max 3 → (M + 1)/4
+    cam = class_activation_map(f, w, torch.tensor([1]))
+    torch.testing.assert_close(cam, torch.tensor([[[0.75, 0.0], [1.0, 0.0]]]))
+    spec, gen = split_masks(cam, tau_s=0.7, tau_g=0.2)
+    assert spec.squeeze().tolist() == [[1, 0], [1, 0]]
+    assert gen.squeeze().tolist() == [[0, 1], [0, 1]]
+    spec, gen = split_masks(cam, tau_s=0.8, tau_g=0.75)
+    assert spec.squeeze().tolist() == [[0, 0], [1, 0]] and gen.squeeze().tolist() == [[1, 1], [0, 1]]
+
+
+def test_fusion_takes_tail_specific_and_head_generic_parts():
+    f_t = torch.full((1, 1, 2, 2), 5.0)
+    f_h = torch.full((1, 1, 2, 2), 7.0)
+    cam_t = torch.tensor([[[0.9, 0.1], [0.5, 0.8]]])  # specific (≥0.6): (0,0), (1,1)
+    cam_h = torch.tensor([[[0.1, 0.2], [0.9, 0.1]]])  # generic (≤0.3): (0,0), (0,1), (1,1)
+    fused = fuse(f_t, cam_t, f_h, cam_h, 0.6, 0.3)
+    # tail where its specific mask is on; head where the head is generic and the tail is not
+    assert fused.squeeze().tolist() == [[5.0, 7.0], [0.0, 5.0]]
+
+
+def test_confusing_classes_are_top_k_by_mean_confidence():
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.3, 0.3, 0.3, 0.1],   # class 3's images
+                          [0.6, 0.1, 0.1, 0.2]])                       # class 0's image
+    labels = torch.tensor([3, 3, 0])
+    # mean confidence on class 3's images over heads 0, 1, 2: 0.2, 0.4, 0.3
+    assert confusing_head_classes(probs, labels, [3], [0, 1, 2], 2).tolist() == [[1, 2]]
+    assert confusing_head_classes(probs, labels, [3], [0, 1, 2], 1).tolist() == [[1]]
+
+
+def test_tail_classes():
+    counts = [500, 300, 100, 60, 40]
+    assert tail_classes(counts, 0.1, None) == [3, 4]  # under 10 % of 1000 images
+    assert tail_classes(counts, 0.1, 70) == [3, 4] and tail_classes(counts, 0.1, 50) == [4]
+
+
+def test_tau_pair_is_validated():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"method": {"name": "feature_aug", "tau_s": 0.4, "tau_g": 0.5}})
+    assert e.value.key == "method.tau_g" and "below tau_s" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def trained(digits_data):
+    """A feature_aug run stopped right after stage 1 (2 epochs), and its stage-2 start."""
+    t = Trainer(make_config(FA), digits_data)
+    t.fit(max_epochs=2)
+    body = {k: v.clone() for k, v in t.model.body.state_dict().items()}
+    head = {k: v.clone() for k, v in t.model.classifier.state_dict().items()}
+    return t, body, head
+
+
+def test_stage2_confusing_classes_and_fused_labels(trained):
+    t, _, _ = trained
+    t._enter_phase(1, resumed=False)  # what train_epoch does at the phase boundary
+    m = t.method
+    assert m.tails == [c for c, n in enumerate(t.data.counts) if n < 40]
+    # recompute the stage-1 model's mean confidences by hand
+    with torch.no_grad():
+        x, y = t.train_set.batch(torch.arange(len(t.train_set)), augment=False)
+        t.model.eval()
+        probs = t.model(x).softmax(1)
+    for row, tail in zip(m.confusing.tolist(), m.tails):
+        conf = probs[y == tail].mean(0)
+        ranked = sorted(m.heads, key=lambda h: -conf[h].item())
+        assert row == ranked[:2]
+    # every fused sample carries its tail image's own label
+    tail_idx = torch.cat([torch.nonzero(y == c).flatten()[:2] for c in m.tails])
+    tx, ty = t.train_set.batch(tail_idx, augment=False)
+    feats, labels = m.fused_samples(tx, ty, torch.Generator().manual_seed(0))
+    assert labels.tolist() == ty.repeat_interleave(3).tolist()
+    assert feats.shape == (len(tail_idx) * 3, 64, 2, 2)
+
+
+def test_stage2_freezes_features_and_tunes_classifier(trained, digits_data):
+    t, body, head = trained
+    result = t.fit()
+    assert result.status == "finished" and result.epochs == 4
+    for k, v in t.model.body.state_dict().items():
+        assert torch.equal(v, body[k]), k  # weights and BatchNorm statistics
+    assert not torch.equal(t.model.classifier.weight, head["weight"])
+    assert "stage1/test/top1" in result.metrics and "test/few" in result.metrics
+    assert [h["phase"] for h in result.history] == ["stage1", "stage1", "stage2", "stage2"]
+
+
+def test_feature_aug_trains_on_digits(digits_data):
+    result = Trainer(make_config(FA), digits_data).fit()
+    assert result.status == "finished"
+    assert result.metrics["val/balanced_acc"] > 0.4
+    assert 0 <= result.metrics["stage1/test/few"] <= 1 and 0 <= result.metrics["test/few"] <= 1
+
+
+def test_resume_inside_stage2_keeps_confusing_classes(tmp_path, digits_data):
+    cfg = make_config(FA)
+    full = Trainer(cfg, digits_data).fit()
+    first = Trainer(cfg, digits_data)
+    first.fit(max_epochs=3)
+    first.save(tmp_path / "c.pt")
+    second = Trainer(cfg, digits_data)
+    second.load(tmp_path / "c.pt")
+    assert torch.equal(second.method.confusing, first.method.confusing)
+    resumed = second.fit()
+    assert resumed.metrics["val/per_class"] == full.metrics["val/per_class"]
