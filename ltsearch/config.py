@@ -153,11 +153,6 @@ def from_dict(cls, data: Any, prefix: str = ""):
     return obj
 
 
-def to_dict(obj) -> dict:
-    """Plain-data form of a config (what ``ltsearch train`` reads back)."""
-    return dataclasses.asdict(obj)
-
-
 # --------------------------------------------------------------------------------------------
 # Sections
 

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 from ray.tune import Callback
 
-from ltsearch.search.records import finished_status, flatten
+from ltsearch.search.records import error_text, finished_status, flatten
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,7 @@ class MLflowTracker(Callback):
         self._finish(trial, "FINISHED" if status == "COMPLETED" else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from ltsearch.search.records import _error_text
-
-        self._finish(trial, "FAILED", _error_text(trial))
+        self._finish(trial, "FAILED", error_text(trial))
 
 
 def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: list[str],
@@ -179,7 +177,7 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
     import matplotlib.pyplot as plt
 
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    split = "test" if f"test/per_class" in result else "val"
+    split = "test" if "test/per_class" in result else "val"
     per_class = result.get(f"{split}/per_class")
     confusion = result.get(f"{split}/confusion")
     if per_class is None:

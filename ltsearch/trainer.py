@@ -32,9 +32,6 @@ from ltsearch.models import build_body
 
 log = logging.getLogger(__name__)
 
-SCALAR_KEYS = ("top1", "balanced_acc", "many", "medium", "few")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,7 @@ training phases (``phases``), the index samplers of each epoch (``samplers``), t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np

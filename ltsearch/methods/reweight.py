@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ltsearch.config import ConfigError, spec
+from ltsearch.config import spec
 from ltsearch.methods.base import Method, register
 
 

@@ -2,7 +2,6 @@
 option-A (zero-padding identity) shortcuts, ≈0.46 M parameters — the LDAM-DRW / BBN backbone."""
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -21,10 +21,6 @@ SCALAR_METRICS = ("val/top1", "val/balanced_acc", "val/many", "val/medium", "val
                   "train/loss")
 
 
-def trial_status(record: dict) -> str:
-    return record["status"]
-
-
 def finished_status(result: Optional[dict]) -> str:
     """COMPLETED when the trial ran all its epochs, else PRUNED (a scheduler stopped it)."""
     if result and result.get("epoch") is not None and result.get("epoch") >= result.get("total_epochs", 1e9):
@@ -33,7 +29,8 @@ def finished_status(result: Optional[dict]) -> str:
 
 
 def scalars(result: dict) -> dict:
-    return {k: v for k, v in result.items()
+    """The scalar metrics of a report (NaN, e.g. an empty shot group, as None)."""
+    return {k: (v if math.isfinite(v) else None) for k, v in result.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k}
 
 
@@ -46,7 +43,7 @@ class TrialRecords:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.trials, indent=1, default=_nan_to_none))
+        tmp.write_text(json.dumps(self.trials, indent=1))
         os.replace(tmp, self.path)
 
     def update(self, trial_id: str, **fields) -> None:
@@ -68,13 +65,13 @@ class TrialRecords:
         return sorted(best.values(), key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
 
     def write_csv(self, path: Path) -> None:
-        keys = sorted({k for r in self.trials.values() for k in _flatten(r["config"])})
+        keys = sorted({k for r in self.trials.values() for k in flatten(r["config"])})
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["trial_id", "method", "status", "epochs", "total_epochs", "node_id",
                         *SCALAR_METRICS, *keys])
             for r in self.trials.values():
-                flat = _flatten(r["config"])
+                flat = flatten(r["config"])
                 w.writerow([r["trial_id"], r["method"], r["status"], r.get("epochs"),
                             r.get("total_epochs"), r.get("node_id"),
                             *[r["metrics"].get(m) for m in SCALAR_METRICS],
@@ -85,22 +82,16 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _nan_to_none(v):
-    return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.1}} → {"train.lr": 0.1}: MLflow params and CSV columns."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
-
-
-flatten = _flatten
 
 
 def format_leaderboard(rows: list[dict], metric: str) -> str:
@@ -155,11 +146,10 @@ class RecordsCallback(Callback):
         self._records().update(trial.trial_id, status=finished_status(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = getattr(trial, "error_file", None)
-        self._records().update(trial.trial_id, status="FAILED", error=_error_text(trial) or error)
+        self._records().update(trial.trial_id, status="FAILED", error=error_text(trial))
 
 
-def _error_text(trial) -> Optional[str]:
+def error_text(trial) -> Optional[str]:
     path = getattr(trial, "error_file", None) or ""
     try:
         text = Path(path).read_text().strip().splitlines()
