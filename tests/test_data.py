@@ -109,3 +109,27 @@ def test_cifar_missing_root(tmp_path):
     cfg = config_from_dict({"data": {"source": "cifar10", "root": str(tmp_path)}})
     with pytest.raises(DataError, match="cifar10"):
         build_data(cfg.data)
+
+
+def test_torchvision_cifar10_files(tmp_path):
+    """The python-pickle files torchvision's CIFAR10(root) reads, written small here."""
+    import pickle
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(10)]
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [n.encode() for n in names]}, fh)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        labels = [c for c in range(10) for _ in range(4)]
+        with open(base / name, "wb") as fh:
+            pickle.dump({b"data": rng.integers(0, 255, (40, 3072), dtype=np.uint8),
+                         b"labels": labels}, fh)
+    cfg = config_from_dict({"data": {"source": "cifar10", "root": str(tmp_path),
+                                     "imbalance_factor": 4, "val_per_class": 2}})
+    data = build_data(cfg.data)
+    assert data.classes == names and len(data.test) == 40
+    # 20 images per class in the pool, n_max = 20, IF 4: int(20·4^(−i/9)), capped at 18 (val 2)
+    assert data.counts == [min(18, int(20 * 0.25 ** (i / 9))) for i in range(10)]
+    assert data.train.x.shape[1:] == (3, 32, 32)
