@@ -245,7 +245,8 @@ class TrainConfig(OptimConfig):
     compile: bool = spec(True, doc="CUDA only: torch.compile(mode='reduce-overhead')")
     amp: bool = spec(True, doc="CUDA only: bf16 autocast")
     eval_every: int = spec(1, ge=1)
-    eval_batch_size: int = spec(1024, ge=1)
+    eval_batch_size: Optional[int] = spec(None, ge=1, doc="default: 1024 on CUDA, 128 on CPU "
+                                               "(large batches are slower on CPU)")
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def check(self):

@@ -178,7 +178,7 @@ class Trainer:
     def predict(self, images: DeviceImages) -> torch.Tensor:
         self.model.eval()
         preds = []
-        bs = self.cfg.train.eval_batch_size
+        bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
                     else contextlib.nullcontext())
         for i in range(0, len(images), bs):

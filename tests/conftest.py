@@ -47,7 +47,8 @@ def ray_local():
     """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

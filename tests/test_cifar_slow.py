@@ -25,8 +25,7 @@ def test_cifar10_lt_one_epoch(cifar_root):
     cfg = config_from_dict({
         "data": {"source": "cifar10", "root": str(cifar_root), "imbalance_factor": 100,
                  "val_per_class": 0},
-        "train": {"epochs": 1, "warmup_epochs": 1, "device": "cpu", "threads": 2,
-                  "eval_batch_size": 2000},
+        "train": {"epochs": 1, "warmup_epochs": 1, "device": "cpu", "threads": 2},
     })
     data = build_data(cfg.data)
     assert len(data.train) == 12406

@@ -19,7 +19,7 @@ def search(ray_local, tmp_path_factory):
         train={"lr": {"choice": [0.02, 1.0e+30]}},
         method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "effective"]},
                                        "beta": {"uniform": [0.9, 0.99], "when": {"weighting": "effective"}}}})
-    data["search"]["num_samples"] = 10
+    data["search"]["num_samples"] = 8
     space = parse_search_file(data)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     outcome = run_search(space, name="tiny", storage=tmp / "searches", tracking_uri=uri, verbose=0)
@@ -29,7 +29,7 @@ def search(ray_local, tmp_path_factory):
 def test_records_and_leaderboard(search):
     outcome, space, _ = search
     trials = outcome.records.trials
-    assert len(trials) == 10
+    assert len(trials) == 8
     statuses = {r["status"] for r in trials.values()}
     assert statuses <= {"COMPLETED", "PRUNED", "FAILED"} and "COMPLETED" in statuses
     for r in trials.values():
@@ -44,7 +44,7 @@ def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
     outcome, space, _ = search
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert len(study.trials) == 10
+    assert len(study.trials) == 8
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "ASHA stopped no trial"
     for t in pruned:
@@ -76,7 +76,7 @@ def test_mlflow_parent_and_child_runs(search):
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search.yaml", "leaderboard.txt", "best_config.yaml", "trials.csv"} <= parent_artifacts
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 10
+    assert len(children) == 8
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
     by_trial = {c.data.tags["ltsearch.trial_id"]: c for c in children}
     for trial_id, record in outcome.records.trials.items():
@@ -102,7 +102,7 @@ def test_export_and_train_reproduce_the_best_trial(search, tmp_path):
     assert main(["export", str(outcome.folder), "--top", "2", "--out", str(out)]) == 0
     configs = sorted(out.glob("top*.yaml"))
     assert configs and configs[0].name.startswith("top1_")
-    assert (out / "trials.csv").read_text().count("\n") == 11
+    assert (out / "trials.csv").read_text().count("\n") == 9
     best = outcome.records.ranked("val/balanced_acc", "max")[0]
     assert main(["train", str(configs[0]), "--out", str(tmp_path / "repro"), "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "repro" / "metrics.json").read_text())["metrics"]
@@ -116,7 +116,7 @@ def test_bbn_and_feature_aug_trials_with_their_parameters(ray_local, tmp_path):
         "feature_aug": {"tau_s": {"uniform": [0.6, 0.8]}, "tau_g": {"uniform": [0.1, 0.3]},
                         "k": {"int": [1, 3]}, "stage2_epochs": 1}})
     data["base"]["train"]["epochs"] = 2
-    data["search"].update(num_samples=6, asha={"enabled": False})
+    data["search"].update(num_samples=5, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="bbn_fa", storage=tmp_path / "s",
                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
     client = MlflowClient(outcome.tracking_uri)

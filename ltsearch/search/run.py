@@ -121,8 +121,10 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
         "search.methods": ",".join(space.methods), "data": data.summary()})
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
-                 configure_logging=False)
+        # "local" starts a fresh instance: without it Ray would join whatever cluster
+        # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
+        ray.init(address=address or "local", include_dashboard=False,
+                 log_to_driver=verbose > 1, configure_logging=False)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, space=space),
         {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
