@@ -13,13 +13,16 @@ from ltsearch.search.space import parse_search_file
 
 @pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory):
-    """8 trials over ce / reweight with ASHA; lr 1e30 makes some trials diverge (a real fault)."""
+    """8 trials over ce / reweight / feature_aug with ASHA; lr 1e30 makes some trials diverge
+    (a real fault, not a mock)."""
     tmp = tmp_path_factory.mktemp("search")
     data = tiny_search(
-        train={"lr": {"choice": [0.02, 1.0e+30]}},
+        train={"lr": {"choice": [0.005, 0.01, 0.03, 1.0e+30]}},
         method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "effective"]},
-                                       "beta": {"uniform": [0.9, 0.99], "when": {"weighting": "effective"}}}})
-    data["search"]["num_samples"] = 8
+                                       "beta": {"uniform": [0.9, 0.99], "when": {"weighting": "effective"}}},
+                "feature_aug": {"tau_s": {"uniform": [0.6, 0.8]}, "tau_g": {"uniform": [0.1, 0.3]},
+                                "k": {"int": [1, 3]}, "stage2_epochs": 1}})
+    data["search"].update(num_samples=8, max_concurrent=1)  # sequential: ASHA sees a fixed order
     space = parse_search_file(data)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     outcome = run_search(space, name="tiny", storage=tmp / "searches", tracking_uri=uri, verbose=0)
@@ -35,8 +38,10 @@ def test_records_and_leaderboard(search):
     for r in trials.values():
         assert r["config"]["method"]["name"] == r["method"]
         if r["status"] == "COMPLETED":
-            assert r["epochs"] == r["total_epochs"] == 3 and "test/top1" in r["metrics"]
+            assert r["epochs"] == r["total_epochs"] == (4 if r["method"] == "feature_aug" else 3)
+            assert "test/top1" in r["metrics"]
     assert "method" in outcome.leaderboard and (outcome.folder / "leaderboard.txt").is_file()
+    assert {r["method"] for r in trials.values()} == {"ce", "reweight", "feature_aug"}  # each tried
     assert outcome.best_config is not None and outcome.best_config.is_file()
 
 
@@ -48,9 +53,10 @@ def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "ASHA stopped no trial"
     for t in pruned:
-        assert t.intermediate_values and max(t.intermediate_values) < 3  # stopped before the end
+        assert t.intermediate_values and max(t.intermediate_values) < 4  # stopped before the end
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert complete and all(t.intermediate_values[3] == t.value for t in complete)
+    assert complete and all(t.intermediate_values[max(t.intermediate_values)] == t.value
+                            for t in complete)
     records = outcome.records.trials
     assert sum(r["status"] == "PRUNED" for r in records.values()) == len(pruned)
     assert sum(r["status"] == "FAILED" for r in records.values()) == states.count(
@@ -109,26 +115,37 @@ def test_export_and_train_reproduce_the_best_trial(search, tmp_path):
     assert metrics["val/balanced_acc"] == pytest.approx(best["metrics"]["val/balanced_acc"], abs=1e-9)
 
 
-def test_bbn_and_feature_aug_trials_with_their_parameters(ray_local, tmp_path):
+def test_feature_aug_trials_and_runs(search):
+    outcome, _, _ = search
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}' and tags.method = 'feature_aug'")
+    assert runs
+    for r in runs:
+        assert float(r.data.params["method.tau_g"]) < float(r.data.params["method.tau_s"])
+        assert "method.k" in r.data.params
+        if r.info.status == "FINISHED":
+            assert "stage1/test/top1" in r.data.metrics and "test/top1" in r.data.metrics
+
+
+def test_bbn_trials_with_different_schedules(ray_local, tmp_path):
     data = tiny_search(method={
         "bbn": {"schedule": {"choice": ["parabolic_decay", "cosine_decay", "beta", "equal"]},
-                "beta_a": {"uniform": [0.2, 1.0], "when": {"schedule": "beta"}}},
-        "feature_aug": {"tau_s": {"uniform": [0.6, 0.8]}, "tau_g": {"uniform": [0.1, 0.3]},
-                        "k": {"int": [1, 3]}, "stage2_epochs": 1}})
+                "beta_a": {"uniform": [0.2, 1.0], "when": {"schedule": "beta"}}}})
     data["base"]["train"]["epochs"] = 2
-    data["search"].update(num_samples=5, asha={"enabled": False})
-    outcome = run_search(parse_search_file(data), name="bbn_fa", storage=tmp_path / "s",
+    data["search"].update(num_samples=4, asha={"enabled": False})
+    outcome = run_search(parse_search_file(data), name="bbn", storage=tmp_path / "s",
                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
     client = MlflowClient(outcome.tracking_uri)
     runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
                               f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-    bbn = [r for r in runs if r.data.tags["method"] == "bbn"]
-    fa = [r for r in runs if r.data.tags["method"] == "feature_aug"]
-    assert len({r.data.params["method.schedule"] for r in bbn}) >= 2
+    assert len(runs) == 4 and all(r.data.tags["method"] == "bbn" for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
-    for r in fa:
-        assert float(r.data.params["method.tau_g"]) < float(r.data.params["method.tau_s"])
-        assert "stage1/test/top1" in r.data.metrics and "test/top1" in r.data.metrics
-    for r in bbn:
-        assert "alpha" in r.data.metrics
-    assert fa, "no feature_aug trial"
+    schedules = {r.data.params["method.schedule"] for r in runs}
+    assert len(schedules) >= 2
+    for r in runs:
+        assert ("method.beta_a" in r.data.params) == (r.data.params["method.schedule"] == "beta")
+        history = client.get_metric_history(r.info.run_id, "alpha")
+        assert len(history) == 2
+        if r.data.params["method.schedule"] == "parabolic_decay":
+            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([0.75, 0.0])

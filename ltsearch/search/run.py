@@ -73,6 +73,14 @@ class SearchOutcome:
     tracking_uri: str
 
 
+def _first_points(space) -> list[dict] | None:
+    """One enqueued trial per method (its other parameters sampled), so none goes untried."""
+    methods = list(space.methods)
+    if not space.settings.cover_methods or len(methods) < 2 or space.settings.num_samples < len(methods):
+        return None
+    return [{"method": m} for m in methods]
+
+
 def search_name(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)
 
@@ -140,7 +148,7 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
         searcher = _prune_aware_optuna()(
             space=space.define, metric=settings.metric, mode=settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
-            storage=storage_db, study_name=name)
+            storage=storage_db, study_name=name, points_to_evaluate=_first_points(space))
         max_t = space.max_epochs()
         if settings.asha.enabled:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t,
