@@ -102,11 +102,10 @@ class MLflowTracker(Callback):
         self.space = space
         self.classes = classes
         self.counts = counts
-        self.runs: dict[str, str] = {}
-        self.last: dict[str, dict] = {}
+        self.runs: dict[str, str] = {}  # trial id → run id (also found again by tag on resume)
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment; keep it light
-        return {**self.__dict__, "last": {}, "runs": {}}
+    def __getstate__(self):  # Tune pickles callbacks with the experiment
+        return {**self.__dict__, "runs": {}}
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
@@ -142,12 +141,11 @@ class MLflowTracker(Callback):
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                    and ("/" in k or k in ("lr", "images_per_s", "epoch_time_s", "alpha"))]
         _client(self.uri).log_batch(run_id, metrics=metrics)
-        self.last[trial.trial_id] = result
 
     def _finish(self, trial, status: str, error: Optional[str] = None) -> None:
         run_id = self._run_for(trial)
         client = _client(self.uri)
-        result = self.last.get(trial.trial_id) or trial.last_result or {}
+        result = trial.last_result or {}
         try:
             with tempfile.TemporaryDirectory() as folder:
                 write_trial_artifacts(Path(folder), self.space.trial_config(trial.config), result,
@@ -160,7 +158,7 @@ class MLflowTracker(Callback):
         client.set_terminated(run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        status = finished_status(self.last.get(trial.trial_id) or trial.last_result)
+        status = finished_status(trial.last_result)
         self._finish(trial, "FINISHED" if status == "COMPLETED" else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -211,8 +211,7 @@ class Trainer:
             metrics = self.train_epoch()
             metrics.update(self.phase_results)
             index, _ = self.locate(self.epoch - 1)
-            if index < len(self.phases) - 1 and self.epoch == sum(
-                    p.optim.epochs for p in self.phases[:index + 1]):
+            if self.epoch < self.total_epochs and self.locate(self.epoch)[0] != index:
                 name = self.phases[index].name
                 self.phase_results.update({f"{name}/{k}": v for k, v in self.evaluate(
                     self.test_set, "test").items() if not isinstance(v, list)})
