@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 
-from ltsearch.config import ConfigError, dump_config, load_config
+from ltsearch.config import ConfigError
 from ltsearch.data import DataError
 
 
@@ -35,38 +35,64 @@ def print_progress(metrics: dict, trainer) -> None:
     print("  ".join(parts), flush=True)
 
 
-def scale_epochs(train, epochs: int):
-    """The same recipe over ``epochs``: milestones scale with it, warm-up is kept (capped)."""
-    ratio = epochs / train.epochs
-    return dataclasses.replace(
-        train, epochs=epochs, warmup_epochs=min(train.warmup_epochs, epochs),
-        milestones=sorted({max(1, round(m * ratio)) for m in train.milestones}))
+def _out_folder(path: Path, flag: str) -> Path:
+    """A folder the command may write: not a file, and writable — tried with a probe file that
+    is removed again, so a check that fails leaves nothing behind (permission bits alone do
+    not tell, for root or on a read-only mount)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(flag, f"{path} is a file, not a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ConfigError(flag, f"cannot write to {path}: {e.strerror or e}") from None
+    finally:
+        for p in created:  # deepest first; made again when there is something to write
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return path
 
 
 def cmd_train(args) -> int:
     from ltsearch.data import build_data
-    from ltsearch.trainer import Trainer
+    from ltsearch.runconfig import dump_config, load_config, with_epochs
+    from ltsearch.trainer import Trainer, resolve_device
 
     cfg = load_config(args.config)
     if args.device:
         cfg.train.device = args.device
-    if args.epochs:
-        cfg.train = scale_epochs(cfg.train, args.epochs)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError("--epochs", f"must be >= 1, got {args.epochs}")
+        cfg = with_epochs(cfg, args.epochs)
+    if args.checkpoint_every < 0:
+        raise ConfigError("--checkpoint-every", f"must be >= 0, got {args.checkpoint_every}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ConfigError("--time-limit", f"must be > 0 minutes, got {args.time_limit}")
+    resolve_device(cfg.train.device)
+    out = _out_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")
+    checkpoint = out / "checkpoint.pt"
     data = build_data(cfg.data)
     trainer = Trainer(cfg, data)
-    print(f"data: {data.summary()}\nmethod: {cfg.method.name}  model: {cfg.model.arch}  "
+    resumed = args.resume and checkpoint.is_file()
+    if resumed:
+        try:
+            trainer.load(checkpoint)
+        except Exception as e:  # a truncated or foreign file: say which, write nothing
+            raise ConfigError("--resume", f"{checkpoint} is not a checkpoint of this config "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    print(f"data: {data.summary()}\nmethod: {cfg.method.label()}  model: {cfg.model.arch}  "
           f"device: {trainer.device}  epochs: {trainer.total_epochs}", flush=True)
-    if args.resume and (out / "checkpoint.pt").is_file():
-        trainer.load(out / "checkpoint.pt")
-        print(f"resumed from {out / 'checkpoint.pt'} at epoch {trainer.epoch}")
+    if resumed:
+        print(f"resumed from {checkpoint} at epoch {trainer.epoch}")
 
     def on_epoch(metrics, tr):
         print_progress(metrics, tr)
         if args.checkpoint_every and tr.epoch % args.checkpoint_every == 0:
-            tr.save(out / "checkpoint.pt")
+            tr.save(checkpoint)
 
     result = trainer.fit(on_epoch, time_limit_s=args.time_limit * 60 if args.time_limit else None)
     summary = {"status": result.status, "epochs": result.epochs, "error": result.error,
@@ -101,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--out", help="output folder (default runs/<config name>)")
     t.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
-    t.add_argument("--epochs", type=int, help="override train.epochs (drops later milestones)")
+    t.add_argument("--epochs", type=int, help="override train.epochs (milestones and the method's "
+                   "absolute epoch knobs scale with it)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="save checkpoint.pt every N epochs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--time-limit", type=float, help="minutes; stop after the epoch that passes it "

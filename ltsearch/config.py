@@ -3,12 +3,14 @@
 A trial config is YAML with four sections (``data``, ``model``, ``train``, ``method``) plus
 ``seed``. Every section is a small dataclass; :func:`load_config` walks them and rejects an
 unknown key, a wrong type or an out-of-range value with one :class:`ConfigError` that names the
-dotted key (``train.lr``, ``method.beta``). Method parameters are declared by each method module
-(see :mod:`ltsearch.methods`) and checked by the same walker.
+dotted key (``train.lr``, ``method.loss.gamma``). The recipe parts declare their own parameters
+and are checked by the same walker one layer up (:mod:`ltsearch.runconfig`): this module
+imports nothing from the recipes.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+    def __reduce__(self):  # survives pickling (a Ray trial's error reaches the driver intact)
+        return type(self), (self.key, self.message)
 
 
 def spec(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, doc: str = "",
@@ -52,7 +57,8 @@ def _type_name(tp) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "a mapping"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp, key: str):
@@ -90,9 +96,14 @@ def _coerce(value: Any, tp, key: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(key, f"must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is dict:  # a nested part (e.g. a stage's loss), checked by its own registry
+        if isinstance(value, dict):
             return value
     else:  # pragma: no cover - a declaration error, not user input
         raise TypeError(f"unsupported config type {tp} at {key}")
@@ -151,6 +162,44 @@ def from_dict(cls, data: Any, prefix: str = ""):
         except ConfigError as e:
             raise ConfigError(path(e.key) if e.key else prefix, e.message) from None
     return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch-valued knobs
+
+EpochAt = typing.Union[Literal["always", "never"], int, float]
+EPOCH_AT_DOC = ("an epoch (integer, 0-based), a fraction of the run (0.0–1.0), 'always' or "
+                "'never'")
+
+
+def resolve_epoch(value: EpochAt, total: int) -> Optional[int]:
+    """The 0-based epoch an epoch-valued knob names in a run of ``total`` epochs (None: never).
+    Fractions make a preset valid at any length (DRW at 0.8 is epoch 160 of 200)."""
+    if value == "always":
+        return 0
+    if value == "never":
+        return None
+    if isinstance(value, float):
+        return round(value * total)
+    return value
+
+
+def check_epoch_at(value: EpochAt, key: str, total: int, *, inclusive: bool = False) -> None:
+    """A fraction lies in [0, 1]; an absolute epoch lies inside the run (or at its end)."""
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"a fraction of the run must lie in [0, 1], got {value!r} "
+                               "(give whole epochs as an integer)")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0 or (value > total if inclusive else value >= total):
+            bound = f"<= train.epochs ({total})" if inclusive else f"below train.epochs ({total})"
+            raise ConfigError(key, f"must be {bound}, got {value}")
+
+
+def scale_epoch(value: EpochAt, ratio: float) -> EpochAt:
+    """An absolute epoch scaled with the run's length (``--epochs``); fractions stay."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(0, round(value * ratio))
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,12 +268,11 @@ class OptimConfig:
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.schedule == "cosine":
             span = max(1, self.epochs - self.warmup_epochs)
-            import math
             return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
         return self.lr
 
 
-PRESETS: dict[str, dict] = {
+TRAIN_PRESETS: dict[str, dict] = {
     # LDAM-DRW's CIFAR-LT recipe (Cao et al., NeurIPS 2019).
     "cifar_lt": dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=False,
                      weight_decay=2e-4, warmup_epochs=5, schedule="step",
@@ -234,12 +282,14 @@ PRESETS: dict[str, dict] = {
                       weight_decay=2e-4, warmup_epochs=5, schedule="step",
                       milestones=[120, 160], gamma=0.01),
 }
+DEFAULT_TRAIN_PRESET = "cifar_lt"
 
 
 @dataclass
 class TrainConfig(OptimConfig):
     preset: Literal["cifar_lt", "bbn_cifar", "none"] = spec(
-        "cifar_lt", doc="recipe whose values fill the optimiser keys not given")
+        DEFAULT_TRAIN_PRESET, doc="recipe whose values fill the optimiser keys not given "
+                                  "(default: the method preset's, else cifar_lt)")
     device: str = spec("auto", doc="auto, cpu, cuda or cuda:N")
     threads: int = spec(2, ge=1, doc="torch.set_num_threads on CPU")
     compile: bool = spec(True, doc="CUDA only: torch.compile(mode='reduce-overhead')")
@@ -254,90 +304,65 @@ class TrainConfig(OptimConfig):
             raise ConfigError("warmup_epochs", f"must not exceed epochs ({self.epochs})")
 
 
-def _load_train(data: Any) -> TrainConfig:
+def load_train(data: Any, fill: Optional[dict] = None, overrides: Optional[dict] = None,
+               prefix: str = "train") -> TrainConfig:
+    """The train section: a preset's values, then ``fill`` (a method preset's recipe), then the
+    keys given in ``data``, then ``overrides`` (``method.train``). A preset's milestones are
+    relative to its length: given other epochs and no milestones, they scale with the run."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("train", f"must be a mapping, got {data!r}")
-    preset = data.get("preset", "cifar_lt")
-    if preset not in PRESETS and preset != "none":
-        raise ConfigError("train.preset", f"must be one of 'cifar_lt', 'bbn_cifar', 'none', got {preset!r}")
-    merged = {**PRESETS.get(preset, {}), **data}
-    return from_dict(TrainConfig, merged, "train")
-
-
-@dataclass
-class MethodConfig:
-    name: str
-    params: Any  # the method's own Params dataclass
-
-
-@dataclass
-class Config:
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig = field(default_factory=lambda: load_method({"name": "ce"}))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["method"] = {"name": self.method.name, **dataclasses.asdict(self.method.params)}
-        return d
-
-
-def load_method(data: Any, prefix: str = "method") -> MethodConfig:
-    from ltsearch.methods import get_method, method_names
-
-    if data is None:
-        data = {"name": "ce"}
-    if not isinstance(data, dict):
         raise ConfigError(prefix, f"must be a mapping, got {data!r}")
-    data = dict(data)
-    name = data.pop("name", "ce")
-    if name not in method_names():
-        raise ConfigError(f"{prefix}.name",
-                          f"unknown method {name!r} (known: {', '.join(method_names())})")
-    cls = get_method(name)
-    try:
-        params = from_dict(cls.Params, data, prefix)
-    except ConfigError as e:
-        if e.message.startswith("unknown key"):
-            known = ", ".join(f.name for f in dataclasses.fields(cls.Params)) or "none"
-            raise ConfigError(e.key, f"not a parameter of method {name!r} (its parameters: {known})") from None
-        raise
-    return MethodConfig(name=name, params=params)
-
-
-def check_method(method: MethodConfig, train: "TrainConfig", prefix: str = "method") -> None:
-    from ltsearch.methods import get_method
-
-    try:
-        get_method(method.name).check_config(method.params, train)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}.{e.key}", e.message) from None
+    fill = dict(fill or {})
+    given = {**data, **(overrides or {})}
+    preset = given.get("preset", fill.pop("preset", DEFAULT_TRAIN_PRESET))
+    if preset not in TRAIN_PRESETS and preset != "none":
+        raise ConfigError(f"{prefix}.preset", "must be one of "
+                          f"{', '.join(repr(p) for p in [*TRAIN_PRESETS, 'none'])}, got {preset!r}")
+    base = dict(TRAIN_PRESETS.get(preset, {}))
+    merged = {**base, **fill, **given, "preset": preset}
+    epochs = merged.get("epochs")
+    if (base and "milestones" not in fill and "milestones" not in given
+            and isinstance(epochs, int) and epochs > 0 and epochs != base["epochs"]):
+        ratio = epochs / base["epochs"]
+        merged["milestones"] = sorted({max(1, round(m * ratio)) for m in base["milestones"]})
+        if "warmup_epochs" not in fill and "warmup_epochs" not in given:
+            merged["warmup_epochs"] = min(base["warmup_epochs"], epochs)
+    return from_dict(TrainConfig, merged, prefix)
 
 
 TOP_KEYS = ("seed", "data", "model", "train", "method")
 
 
-def config_from_dict(data: Any) -> Config:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"a config must be a mapping, got {type(data).__name__}")
-    unknown = [k for k in data if k not in TOP_KEYS]
-    if unknown:
-        raise ConfigError(str(unknown[0]), f"unknown key (known keys: {', '.join(TOP_KEYS)})")
-    cfg = Config(
-        seed=_coerce(data.get("seed", 0), int, "seed"),
-        data=from_dict(DataConfig, data.get("data"), "data"),
-        model=from_dict(ModelConfig, data.get("model"), "model"),
-        train=_load_train(data.get("train")),
-        method=load_method(data.get("method")),
-    )
-    check_method(cfg.method, cfg.train)
-    return cfg
+@dataclass
+class Config:
+    """A whole run. ``method`` is the recipe (:class:`ltsearch.recipes.RecipeConfig`), built and
+    checked by :func:`ltsearch.runconfig.config_from_dict`; this module knows no method."""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: Any = None
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "data": dataclasses.asdict(self.data),
+                "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train),
+                "method": self.method.to_dict()}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+    silently, so a config would not say what it does)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -345,14 +370,11 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{path}: not valid YAML: {e}") from None
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # one line: where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("", f"{where}: not valid YAML: {problem}") from None
 
 
-def load_config(path: str | Path) -> Config:
-    return config_from_dict(read_yaml(path))
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -17,6 +17,7 @@ from typing import Optional
 import yaml
 from ray.tune import Callback
 
+from ltsearch.recipes import reported_metrics
 from ltsearch.search.records import error_text, finished_status, flatten
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 TAG_SEARCH = "ltsearch.search_dir"
 TAG_TRIAL = "ltsearch.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
+TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs
 
 
 def prepare_environment() -> None:
@@ -103,6 +105,7 @@ class MLflowTracker(Callback):
         self.classes = classes
         self.counts = counts
         self.runs: dict[str, str] = {}  # trial id → run id (also found again by tag on resume)
+        self.part_metrics = reported_metrics()
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment
         return {**self.__dict__, "runs": {}}
@@ -119,7 +122,7 @@ class MLflowTracker(Callback):
             client.update_run(run_id, status="RUNNING")
         else:
             cfg = self.space.trial_config(trial.config)
-            method = cfg["method"]["name"]
+            method = self.space.label(cfg)
             run = client.create_run(self.exp_id, run_name=f"{method}-{trial.trial_id}", tags={
                 TAG_PARENT: self.parent, TAG_TRIAL: trial.trial_id, "method": method,
                 "ltsearch.kind": "trial"})
@@ -139,7 +142,7 @@ class MLflowTracker(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   and ("/" in k or k in ("lr", "images_per_s", "epoch_time_s", "alpha"))]
+                   and ("/" in k or k in TRAINER_METRICS or k in self.part_metrics)]
         _client(self.uri).log_batch(run_id, metrics=metrics)
 
     def _finish(self, trial, status: str, error: Optional[str] = None) -> None:

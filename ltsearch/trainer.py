@@ -22,22 +22,32 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ltsearch.config import Config
+from ltsearch.config import Config, ConfigError
 from ltsearch.data import LongTailData
 from ltsearch.data.device import DeviceImages, channel_stats
 from ltsearch.data.samplers import ClassIndex
-from ltsearch.methods import Batch, MethodContext, Phase, get_method
+from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import build_body
 
 log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names, checked on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("train.device", f"not a device: {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"{name!r}, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("train.device", f"{name!r}, but this machine has "
+                                              f"{torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ConfigError("train.device", f"{name!r} is not supported (auto, cpu, cuda or cuda:N)")
     return device
 
 
@@ -70,9 +80,9 @@ class Trainer:
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
                             self.device)
-        self.method = get_method(cfg.method.name)(cfg.method.params, ctx, cfg.train)
-        body, feat_dim = build_body(cfg.model.arch, data.in_channels)
-        self.model = self.method.build_model(body, feat_dim).to(self.device)
+        self.method = Recipe(cfg.method, ctx, cfg.train)
+        self.model = self.method.build_model(
+            lambda: build_body(cfg.model.arch, data.in_channels)).to(self.device)
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.phases = self.method.phases()
@@ -96,21 +106,26 @@ class Trainer:
 
     def _enter_phase(self, index: int, resumed: bool) -> None:
         phase = self.phases[index]
-        if phase.reset_classifier and not resumed:
-            self.model.classifier.reset_parameters()
-        trainable = set(self.model.classifier.parameters()) if phase.classifier_only else None
+        params = phase.params() if phase.params is not None else None
+        if params is None:
+            module = self.model.classifier if phase.classifier_only else self.model
+            params = list(module.parameters())
+        trainable = set(params)
         for p in self.model.parameters():
-            p.requires_grad_(trainable is None or p in trainable)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+            p.requires_grad_(p in trainable)
         o = phase.optim
-        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+        exempt = self.method.no_decay(phase)
+        groups = [{"params": [p for p in params if p not in exempt]},
+                  {"params": [p for p in params if p in exempt], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=o.lr,
+                                         momentum=o.momentum, nesterov=o.nesterov,
                                          weight_decay=o.weight_decay, fused=self.cuda or None)
         self._phase_index = index
         self.method.on_phase_start(phase, index, resumed)
 
     def _train_mode(self, phase: Phase) -> None:
         self.model.train()
-        if phase.classifier_only:  # frozen features keep their BatchNorm statistics
+        if phase.classifier_only and not phase.update_bn:  # frozen BatchNorm statistics too
             for name, child in self.model.named_children():
                 if name != "classifier":
                     child.eval()
@@ -139,7 +154,7 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
         rng = np.random.default_rng([self.cfg.seed, self.epoch])
         self.method.ctx.generator = gen
-        streams = [s.draw(steps * B, e, phase.optim.epochs, gen) for s in self.method.samplers(phase, e)]
+        streams = [draw(steps * B, gen) for draw in self.method.samplers(phase, e)]
         self.method.start_epoch(phase, e, steps, rng)
         forward = self._forward_fn(phase)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
@@ -164,8 +179,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.method.after_step(phase)
             self._compile_verified = True
             loss_sum += loss.detach().float()
+        self.method.end_epoch(phase)
         mean_loss = float(loss_sum) / steps  # one device→host sync per epoch
         elapsed = time.perf_counter() - start
         self.epoch += 1
@@ -185,7 +202,7 @@ class Trainer:
             idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
             x, _ = images.batch(idx, augment=False)
             with autocast:
-                preds.append(self.model(x).argmax(1))
+                preds.append(self.method.logits(self.model, x).argmax(1))
         return torch.cat(preds)
 
     def evaluate(self, images: DeviceImages, prefix: str) -> dict:

@@ -2,8 +2,8 @@
 
 1. ``ltsearch train`` CIFAR-10-LT IF=100, ResNet-32, CE, 3 epochs, compiled (issue: epoch times),
    and the same eagerly (``train.compile: false``) for the compile speed-up ratio.
-2. BBN and feature augmentation on CIFAR-10-LT IF=100 at once (the GPU is far from full with
-   ResNet-32 at batch 128), with as many epochs as the time budget allows.
+2. CIFAR-10-LT IF=100 with the presets CE, LDAM-DRW, balanced softmax, mixup-DRW and BBN at once
+   (the GPU is far from full with ResNet-32 at batch 128), as many epochs as the budget allows.
 Everything lands in ``--out``; a summary is printed at the end.
 
     python scripts/device_check.py --archive .devdata/cifar10-jpeg.tar.gz --out $OUT --budget 420
@@ -25,7 +25,7 @@ def config(root: str, method: dict, **train) -> dict:
     return {"seed": 0,
             "data": {"source": "cifar10", "root": root, "imbalance_factor": 100, "val_per_class": 0},
             "model": {"arch": "resnet32"},
-            "train": {"preset": "cifar_lt", **train},
+            "train": dict(train),  # each preset brings its training recipe (BBN: its own)
             "method": method}
 
 
@@ -92,23 +92,18 @@ def main():
         print(f"steady-state epoch: eager {e[-1]:.2f} s, compiled {c[-1]:.2f} s, "
               f"ratio {e[-1] / c[-1]:.2f}x", flush=True)
 
-    # 2. BBN + feature augmentation concurrently, epochs from the measured epoch time
+    # 2. five presets concurrently, epochs from the measured epoch time
     epoch_s = c[-1] if c else 5.0
+    presets = ["ce", "ldam_drw", "balanced_softmax", "mixup_drw", "bbn"]
     if args.epochs:
         epochs = args.epochs
     else:
-        # BBN runs two forward passes per step; both jobs share the GPU.
-        epochs = int(min(200, max(5, args.budget / (epoch_s * 2.2 * 1.3))))
-    fa_epochs = max(5, int(epochs * 0.95))
+        # five jobs share the GPU; BBN runs two forward passes per step.
+        epochs = int(min(200, max(5, args.budget / (epoch_s * 6.5 * 1.3))))
     minutes = args.budget / 60 * 1.1  # a guard: stop, evaluate and write what was reached
-    print(f"step 2: BBN {epochs} epochs, feature_aug {fa_epochs}+10 epochs", flush=True)
-    jobs = {
-        "bbn": launch("bbn", cfg({"name": "bbn", "schedule": "parabolic_decay"}, preset="bbn_cifar"),
-                      out, epochs=epochs, minutes=minutes),
-        "feature_aug": launch("feature_aug", cfg({"name": "feature_aug", "tau_s": 0.6, "tau_g": 0.3,
-                                                  "k": 3, "stage2_epochs": 10, "stage2_lr": 0.01}),
-                              out, epochs=fa_epochs, minutes=minutes),
-    }
+    print(f"step 2: {', '.join(presets)}: {epochs} epochs each", flush=True)
+    jobs = {name: launch(name, cfg({"name": name}), out, epochs=epochs, minutes=minutes)
+            for name in presets}
     for p, _ in jobs.values():
         p.wait()
     for name, (_, m) in jobs.items():
@@ -118,8 +113,7 @@ def main():
         summary[name] = {
             "status": r.get("status"), "epochs": r.get("epochs"),
             "s_per_epoch": sum(h["epoch_time_s"] for h in hist) / max(1, len(hist)),
-            **{k: met.get(k) for k in ("test/top1", "test/many", "test/medium", "test/few",
-                                       "stage1/test/top1", "stage1/test/few")},
+            **{k: met.get(k) for k in ("test/top1", "test/many", "test/medium", "test/few")},
         }
         print(name, summary[name], flush=True)
     summary["wall_s"] = time.time() - t0

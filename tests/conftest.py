@@ -9,7 +9,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from ltsearch.config import config_from_dict  # noqa: E402
+from ltsearch.runconfig import config_from_dict  # noqa: E402
 from ltsearch.data import build_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from ltsearch.methods.bbn import BBNNet, adaptor
+from ltsearch.recipes.arch.bilateral import BBNNet, adaptor
 from ltsearch.models import build_body
 from ltsearch.trainer import Trainer
 
@@ -29,19 +29,24 @@ def test_separated_schedule():
 
 
 def test_beta_schedule_draws_per_step(digits_data):
-    t = Trainer(make_config({"name": "bbn", "schedule": "beta", "beta_a": 0.5}), digits_data)
+    t = Trainer(make_config({"name": "bbn", "arch": {"schedule": "beta", "beta_a": 0.5}}), digits_data)
     phase = t.phases[0]
     t.method.start_epoch(phase, 0, 4000, np.random.default_rng(7))
-    alphas = t.method.alphas.numpy()
+    alphas = t.method.arch.alphas.numpy()
     np.testing.assert_allclose(alphas, np.random.default_rng(7).beta(0.5, 0.5, 4000), rtol=1e-6)
     assert alphas.mean() == pytest.approx(0.5, abs=0.03)  # Beta(a, a) has mean ½
     assert alphas.var() == pytest.approx(1 / (4 * (2 * 0.5 + 1)), rel=0.1)  # var = 1/(4(2a+1))
 
 
+def _bbn(arch, classes):
+    body, dim = build_body(arch, 3)
+    return BBNNet(body, build_body(arch, 3)[0], dim, classes), body
+
+
 def test_trunk_is_shared_and_branches_are_not():
-    body, dim = build_body("resnet32", 3)
+    net, body = _bbn("resnet32", 10)
     stem, stage1, stage2, stage3 = body
-    net = BBNNet(body, dim, 10)
+    dim = 64
     trunk_ids = {id(p) for p in net.trunk.parameters()}
     expected = {id(p) for m in (stem, stage1, stage2, *stage3[:4]) for p in m.parameters()}
     assert trunk_ids == expected
@@ -59,16 +64,16 @@ def test_trunk_is_shared_and_branches_are_not():
 
 
 def test_torchvision_body_splits_too():
-    body, dim = build_body("resnet18", 3)
-    net = BBNNet(body, dim, 5)
+    net, body = _bbn("resnet18", 5)
     assert net.branch_c is body[-1][-1] and net.classifier.in_features == 1024
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
 def test_mixed_logits_formula():
     torch.manual_seed(0)
-    body, dim = build_body("resnet32", 3)
-    net = BBNNet(body, dim, 10).eval()
+    net, _ = _bbn("resnet32", 10)
+    net.eval()
+    dim = 64
     x_c, x_r = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
     alpha = 0.3
     with torch.no_grad():
@@ -77,32 +82,32 @@ def test_mixed_logits_formula():
         # classifier on [2α·f_c, 2(1−α)·f_r]: the factor 2 is absorbed into W (Eq. 2)
         expected = 2 * alpha * f_c @ W_c.T + 2 * (1 - alpha) * f_r @ W_r.T + net.classifier.bias
         z = net(x_c, x_r, torch.tensor(alpha))
-        torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(net.mix(f_c, f_r, alpha), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net.mix(f_c, f_r, alpha), expected, rtol=1e-4, atol=1e-4)
         # inference: α = ½ on the same image through both branches
         f_c, f_r = net.branch_features(x_c, x_c)
         torch.testing.assert_close(net(x_c), f_c @ W_c.T + f_r @ W_r.T + net.classifier.bias,
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_bbn_samplers_uniform_and_reversed(digits_data):
     t = Trainer(make_config({"name": "bbn"}), digits_data)
     conv, rebal = t.method.samplers(t.phases[0], 0)
     n = 100_000
-    idx = rebal.draw(n, 0, 1, torch.Generator().manual_seed(0))
+    idx = rebal(n, torch.Generator().manual_seed(0))
     freq = np.bincount(t.train_set.y[idx].numpy(), minlength=10) / n
     counts = np.asarray(digits_data.counts, float)
     expected = (1 / counts) / (1 / counts).sum()
     assert np.all(np.abs(freq - expected) <= 5 * np.sqrt(expected * (1 - expected) / n))
-    assert conv.name == "instance"
-    balanced = Trainer(make_config({"name": "bbn", "second_sampler": "balanced"}), digits_data)
-    assert balanced.method.samplers(balanced.phases[0], 0)[1].name == "balanced"
+    assert conv.sampler.name == "instance"
+    balanced = Trainer(make_config({"name": "bbn", "arch": {"second_sampler": "balanced"}}), digits_data)
+    assert balanced.method.samplers(balanced.phases[0], 0)[1].sampler.name == "balanced"
 
 
 @pytest.mark.parametrize("schedule", ["parabolic_decay", "beta", "separated"])
 def test_bbn_trains_on_digits(schedule, digits_data):
-    cfg = make_config({"name": "bbn", "schedule": schedule, "switch_epoch": 2, "beta_a": 1.0},
-                      train={"epochs": 4})
+    cfg = make_config({"name": "bbn", "arch": {"schedule": schedule, "switch_epoch": 2,
+                                               "beta_a": 1.0}}, train={"epochs": 4})
     result = Trainer(cfg, digits_data).fit()
     assert result.status == "finished"
     assert result.metrics["val/balanced_acc"] > 0.3  # chance: 0.1
@@ -114,8 +119,13 @@ def test_bbn_trains_on_digits(schedule, digits_data):
 
 
 def test_bbn_preset():
-    cfg = make_config({"name": "bbn"}, train={"preset": "bbn_cifar", "epochs": 200, "lr": 0.1,
-                                              "batch_size": 128, "warmup_epochs": 5,
-                                              "schedule": "step"})
-    t = cfg.train
+    from ltsearch.runconfig import config_from_dict
+
+    t = config_from_dict({"method": {"name": "bbn"}}).train  # the method preset brings it
     assert t.nesterov and t.milestones == [120, 160] and t.gamma == 0.01 and t.weight_decay == 2e-4
+
+
+def test_bbn_with_any_branch_loss(digits_data):
+    cfg = make_config({"name": "bbn", "loss": {"name": "balanced_softmax"}})
+    result = Trainer(cfg, digits_data).fit()
+    assert result.status == "finished" and result.metrics["val/balanced_acc"] > 0.3

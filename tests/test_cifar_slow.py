@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR_ARCHIVE
-from ltsearch.config import config_from_dict
+from ltsearch.runconfig import config_from_dict
 from ltsearch.data import build_data
 from ltsearch.trainer import Trainer
 

@@ -2,7 +2,8 @@ import pytest
 import yaml
 
 from ltsearch.cli import main
-from ltsearch.config import ConfigError, config_from_dict, dump_config
+from ltsearch.config import ConfigError
+from ltsearch.runconfig import config_from_dict, dump_config
 
 
 @pytest.mark.parametrize("cfg,key,text", [
@@ -14,10 +15,24 @@ from ltsearch.config import ConfigError, config_from_dict, dump_config
     ({"data": {"source": "mnist"}}, "data.source", "must be one of"),
     ({"data": {"imbalance_factor": 0.5}}, "data.imbalance_factor", ">= 1"),
     ({"method": {"name": "mixup"}}, "method.name", "unknown method 'mixup'"),
-    ({"method": {"name": "reweight", "beta": 1.0}}, "method.beta", "must be < 1"),
-    ({"method": {"name": "reweight", "beta": -0.1}}, "method.beta", "must be >= 0"),
-    ({"method": {"name": "ce", "beta": 0.9}}, "method.beta", "not a parameter of method 'ce'"),
-    ({"method": {"name": "two_stage", "defer_epoch": 300}}, "method.defer_epoch", "below train.epochs"),
+    ({"method": {"name": "reweight", "weights": {"beta": 1.0}}}, "method.weights.beta", "must be < 1"),
+    ({"method": {"name": "reweight", "weights": {"beta": -0.1}}}, "method.weights.beta", "must be >= 0"),
+    ({"method": {"name": "ce", "beta": 0.9}}, "method.beta", "unknown key"),
+    ({"method": {"name": "ce", "loss": {"name": "ce", "gamma": 2}}}, "method.loss.gamma",
+     "not a parameter of loss 'ce'"),
+    ({"method": {"loss": "hinge"}}, "method.loss.name", "unknown loss 'hinge'"),
+    ({"method": {"name": "two_stage", "weights": {"start": 300}}}, "method.weights.start",
+     "below train.epochs"),
+    ({"method": {"name": "two_stage", "weights": {"start": 1.5}}}, "method.weights.start",
+     "fraction of the run"),
+    ({"method": {"name": "bbn", "mixup": {"alpha": 1.0}}}, "method.mixup", "single-branch"),
+    ({"method": {"name": "bbn", "stage2": "crt"}}, "method.stage2", "needs the plain classifier"),
+    ({"method": {"name": "ldam_drw", "stage2": "tau_norm"}}, "method.stage2", "normed classifier"),
+    ({"method": {"name": "custom", "stage2": {"name": "crt", "loss": {"name": "las", "x": 1}}}},
+     "method.stage2.loss.x", "not a parameter of loss 'las'"),
+    ({"method": {"name": "custom", "sampler": {"then": "balanced"}}}, "method.sampler.start",
+     "switch"),
+    ({"method": {"name": "weight_balancing", "train": {"lr": -1}}}, "method.train.lr", "> 0"),
     ({"train": {"metrics": {"few_threshold": 500}}}, "train.metrics.few_threshold", "many_threshold"),
     ({"train": {"milestones": [100, "x"]}}, "train.milestones[1]", "integer"),
 ])
@@ -33,6 +48,39 @@ def test_presets_and_round_trip():
     assert config_from_dict({}).train.milestones == [160, 180]
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "mislas"}, {"name": "weight_balancing", "train": {"weight_decay": 0.001}},
+    {"name": "custom", "loss": {"name": "focal", "gamma": 2.0}, "weights": {"start": 0.5},
+     "sampler": {"then": "progressive", "start": 120}, "mixup": {"kind": "cutmix"},
+     "stage2": {"name": "lws"}, "posthoc": {"logit_adjust": 0.5}},
+    {"name": "bbn", "arch": {"schedule": "separated", "switch_epoch": 100}},
+])
+def test_every_recipe_round_trips(method):
+    cfg = config_from_dict({"method": method})
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_method_presets_carry_their_training_recipe():
+    """BBN's published number uses its own schedule (Nesterov, ×0.01 at 120 and 160), not
+    LDAM's: the preset fills the train keys a config leaves out (fidelity fix 1)."""
+    bbn = config_from_dict({"method": {"name": "bbn"}}).train
+    assert bbn.preset == "bbn_cifar" and bbn.nesterov and bbn.milestones == [120, 160]
+    ce = config_from_dict({"method": {"name": "ce"}}).train
+    assert ce.preset == "cifar_lt" and not ce.nesterov and ce.milestones == [160, 180]
+    # explicit train keys still win, and method.train overrides even those
+    given = config_from_dict({"train": {"nesterov": False, "weight_decay": 1e-3},
+                              "method": {"name": "bbn"}}).train
+    assert not given.nesterov and given.milestones == [120, 160] and given.weight_decay == 1e-3
+    wb = config_from_dict({"train": {"weight_decay": 1e-3},
+                           "method": {"name": "weight_balancing", "train": {"weight_decay": 0.01}}})
+    assert wb.train.weight_decay == 0.01
+    assert config_from_dict({"method": {"name": "weight_balancing"}}).train.weight_decay == 5e-3
+    # a preset's milestones are relative to its length
+    short = config_from_dict({"train": {"epochs": 20}, "method": {"name": "bbn"}}).train
+    assert short.milestones == [12, 16] and short.warmup_epochs == 5
 
 
 def test_lr_schedule():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltsearch.config import config_from_dict
+from ltsearch.runconfig import config_from_dict
 from ltsearch.data import DataError, build_data, class_counts, select_longtail
 from ltsearch.data.sources import load_image_folder_pools
 

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from conftest import make_config
-from ltsearch.config import ConfigError, config_from_dict
-from ltsearch.methods.feature_aug import (class_activation_map, confusing_head_classes, fuse,
-                                          split_masks, tail_classes)
+from ltsearch.config import ConfigError
+from ltsearch.runconfig import config_from_dict
+from ltsearch.recipes.stage2.feature_aug import (class_activation_map, confusing_head_classes,
+                                                 fuse, split_masks, tail_classes)
 from ltsearch.trainer import Trainer
 
-FA = {"name": "feature_aug", "tau_s": 0.6, "tau_g": 0.3, "k": 2, "aug_per_tail": 3,
-      "tail_count": 40, "stage2_epochs": 2, "stage2_lr": 0.02}
+FA = {"name": "feature_aug", "stage2": {"tau_s": 0.6, "tau_g": 0.3, "k": 2, "aug_per_tail": 3,
+                                       "tail_count": 40, "epochs": 2, "lr": 0.02}}
 
 
 def test_cam_of_a_hand_built_feature_map():
@@ -48,14 +49,36 @@ def test_confusing_classes_are_top_k_by_mean_confidence():
 
 def test_tail_classes():
     counts = [500, 300, 100, 60, 40]
-    assert tail_classes(counts, 0.1, None) == [3, 4]  # under 10 % of 1000 images
-    assert tail_classes(counts, 0.1, 70) == [3, 4] and tail_classes(counts, 0.1, 50) == [4]
+    assert tail_classes(counts, share=0.1) == [3, 4]  # under 10 % of 1000 images
+    assert tail_classes(counts, count=70) == [3, 4] and tail_classes(counts, count=50) == [4]
+    assert tail_classes(counts) == [2, 3, 4]  # the rarest half (rounded)
+    assert tail_classes([5, 9, 5, 1], fraction=0.5) == [0, 3]  # ties by label
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_default_tail_split_works_on_cifar_lt(num_classes):
+    """CIFAR-100-LT IF=100: every class holds under 5 % of the images, so the old default
+    (tail_share 0.05) made all 100 classes tail classes and the method refused to run."""
+    from ltsearch.data import class_counts
+    from ltsearch.recipes.stage2.feature_aug import FeatureAugParams
+
+    counts = class_counts("exp", 5000 if num_classes == 10 else 500, num_classes, 100)
+    assert all(n < 0.05 * sum(counts) for n in counts) == (num_classes == 100)
+    p = FeatureAugParams()
+    tails = tail_classes(counts, p.tail_fraction, p.tail_share, p.tail_count)
+    assert len(tails) == num_classes // 2 and tails == list(range(num_classes // 2, num_classes))
 
 
 def test_tau_pair_is_validated():
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"method": {"name": "feature_aug", "tau_s": 0.4, "tau_g": 0.5}})
-    assert e.value.key == "method.tau_g" and "below tau_s" in str(e.value)
+        config_from_dict({"method": {"name": "feature_aug", "stage2": {"tau_s": 0.4, "tau_g": 0.5}}})
+    assert e.value.key == "method.stage2.tau_g" and "below tau_s" in str(e.value)
+
+
+def test_feature_aug_after_any_first_stage(digits_data):
+    cfg = make_config({**FA, "loss": {"name": "ldam"}, "weights": {"start": 1}}, train={"epochs": 2})
+    result = Trainer(cfg, digits_data).fit()
+    assert result.status == "finished" and result.epochs == 4
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +94,7 @@ def trained(digits_data):
 def test_stage2_confusing_classes_and_fused_labels(trained):
     t, _, _ = trained
     t._enter_phase(1, resumed=False)  # what train_epoch does at the phase boundary
-    m = t.method
+    m = t.method.stage2
     assert m.tails == [c for c, n in enumerate(t.data.counts) if n < 40]
     # recompute the stage-1 model's mean confidences by hand
     with torch.no_grad():
@@ -116,6 +139,6 @@ def test_resume_inside_stage2_keeps_confusing_classes(tmp_path, digits_data):
     first.save(tmp_path / "c.pt")
     second = Trainer(cfg, digits_data)
     second.load(tmp_path / "c.pt")
-    assert torch.equal(second.method.confusing, first.method.confusing)
+    assert torch.equal(second.method.stage2.confusing, first.method.stage2.confusing)
     resumed = second.fit()
     assert resumed.metrics["val/per_class"] == full.metrics["val/per_class"]

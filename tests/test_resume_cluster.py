@@ -71,7 +71,7 @@ def _trials(folder: Path) -> dict:
 
 
 def test_resume_after_sigkill(tmp_path):
-    data = tiny_search(method={"ce": {}, "resample": {"sampler": {"choice": ["balanced", "sqrt"]}}})
+    data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
     data["search"].update(num_samples=4, max_concurrent=1, asha={"enabled": False})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -144,7 +144,7 @@ def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
         _wait(nodes_up, 120, "two Ray nodes")
         _wait(mlflow_up, 120, "the mlflow server")
 
-        data = tiny_search(method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "inverse"]}}})
+        data = tiny_search(method={"ce": {}, "reweight": {"weights.scheme": {"choice": ["sqrt", "inverse"]}}})
         data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False})
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(data))

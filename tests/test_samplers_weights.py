@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from ltsearch.data.samplers import ClassIndex, make_sampler
-from ltsearch.methods.reweight import class_weights, effective_number, weighted_loss
+from ltsearch.recipes.losses.focal import Focal, FocalParams
+from ltsearch.recipes.losses.sigmoid import Sigmoid
+from ltsearch.recipes.sampling import SamplerConfig, scheduled_sampler
+from ltsearch.recipes.weights import class_weights, effective_number, objective
 
 COUNTS = [400, 150, 60, 25, 10]
 
@@ -83,6 +86,10 @@ def test_other_weightings():
         class_weights(COUNTS, "effective", 1.0)
 
 
+def _focal(gamma):
+    return Focal(FocalParams(gamma=gamma), torch.tensor(COUNTS, dtype=torch.float32))
+
+
 def test_focal_loss_formula():
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     y = torch.tensor([0])
@@ -92,14 +99,33 @@ def test_focal_loss_formula():
     target = torch.tensor([1.0, 0.0, 0.0])
     p_t = target * p + (1 - target) * (1 - p)
     expected = (-(1 - p_t) ** gamma * torch.log(p_t)).sum() * w[0]
-    assert float(weighted_loss(logits, y, w, "focal", gamma)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(objective(_focal(gamma), logits, [(y, 1.0)], w)) == pytest.approx(float(expected), rel=1e-5)
     # γ = 0 is the sigmoid loss
-    assert float(weighted_loss(logits, y, w, "focal", 0.0)) == pytest.approx(
-        float(weighted_loss(logits, y, w, "sigmoid")), rel=1e-6)
+    sigmoid = Sigmoid(None, torch.tensor(COUNTS, dtype=torch.float32))
+    assert float(objective(_focal(0.0), logits, [(y, 1.0)], w)) == pytest.approx(
+        float(objective(sigmoid, logits, [(y, 1.0)], w)), rel=1e-6)
 
 
 def test_focal_gradient_is_finite_when_saturated():
     logits = torch.tensor([[60.0, -60.0, -60.0]], requires_grad=True)
-    loss = weighted_loss(logits, torch.tensor([0]), None, "focal", 0.5)
+    loss = objective(_focal(0.5), logits, [(torch.tensor([0]), 1.0)])
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_deferred_progressive_sampler_ramps_from_the_switch():
+    """DRS with the progressive sampler: at the switch it starts from instance frequencies and
+    reaches class-balanced at the end of the run (it used to ramp over the whole run, 80 %
+    balanced already at the switch)."""
+    index, _ = _index()
+    cfg = SamplerConfig(name="instance", then="progressive", start=0.8)
+    before = scheduled_sampler(cfg, index, 159, 200)
+    assert before.sampler.name == "instance" and (before.epoch, before.total) == (159, 160)
+    at = scheduled_sampler(cfg, index, 160, 200)
+    assert at.sampler.name == "progressive" and (at.epoch, at.total) == (0, 40)
+    inst = np.asarray(COUNTS) / sum(COUNTS)
+    np.testing.assert_allclose(at.sampler.class_probs(at.epoch, at.total).numpy(), inst, rtol=1e-6)
+    late = scheduled_sampler(cfg, index, 180, 200)
+    half = 0.5 * inst + 0.5 / len(COUNTS)
+    np.testing.assert_allclose(late.sampler.class_probs(late.epoch, late.total).numpy(), half,
+                               rtol=1e-6)

@@ -18,10 +18,12 @@ def search(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     data = tiny_search(
         train={"lr": {"choice": [0.005, 0.01, 0.03, 1.0e+30]}},
-        method={"ce": {}, "reweight": {"weighting": {"choice": ["sqrt", "effective"]},
-                                       "beta": {"uniform": [0.9, 0.99], "when": {"weighting": "effective"}}},
-                "feature_aug": {"tau_s": {"uniform": [0.6, 0.8]}, "tau_g": {"uniform": [0.1, 0.3]},
-                                "k": {"int": [1, 3]}, "stage2_epochs": 1}})
+        method={"ce": {}, "reweight": {"weights.scheme": {"choice": ["sqrt", "effective"]},
+                                       "weights.beta": {"uniform": [0.9, 0.99],
+                                                        "when": {"weights.scheme": "effective"}}},
+                "feature_aug": {"stage2": {"tau_s": {"uniform": [0.6, 0.8]},
+                                           "tau_g": {"uniform": [0.1, 0.3]},
+                                           "k": {"int": [1, 3]}, "epochs": 1}}})
     data["search"].update(num_samples=8, max_concurrent=1)  # sequential: ASHA sees a fixed order
     space = parse_search_file(data)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -92,7 +94,10 @@ def test_mlflow_parent_and_child_runs(search):
         assert run.data.params["method.name"] == record["method"] == run.data.tags["method"]
         assert float(run.data.params["train.lr"]) == record["config"]["train"]["lr"]
         if record["method"] == "reweight":
-            assert ("method.beta" in run.data.params) == (record["config"]["method"]["weighting"] == "effective")
+            scheme = record["config"]["method"]["weights"]["scheme"]
+            assert run.data.params["method.weights.scheme"] == scheme
+            beta = float(run.data.params["method.weights.beta"])
+            assert (beta != 0.9999) == (scheme == "effective")  # sampled only for effective
         if record["status"] != "FAILED":
             history = client.get_metric_history(run.info.run_id, "val/balanced_acc")
             assert sorted(m.step for m in history) == list(range(1, record["epochs"] + 1))
@@ -122,16 +127,16 @@ def test_feature_aug_trials_and_runs(search):
                               f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}' and tags.method = 'feature_aug'")
     assert runs
     for r in runs:
-        assert float(r.data.params["method.tau_g"]) < float(r.data.params["method.tau_s"])
-        assert "method.k" in r.data.params
+        assert float(r.data.params["method.stage2.tau_g"]) < float(r.data.params["method.stage2.tau_s"])
+        assert "method.stage2.k" in r.data.params
         if r.info.status == "FINISHED":
             assert "stage1/test/top1" in r.data.metrics and "test/top1" in r.data.metrics
 
 
 def test_bbn_trials_with_different_schedules(ray_local, tmp_path):
     data = tiny_search(method={
-        "bbn": {"schedule": {"choice": ["parabolic_decay", "cosine_decay", "beta", "equal"]},
-                "beta_a": {"uniform": [0.2, 1.0], "when": {"schedule": "beta"}}}})
+        "bbn": {"arch.schedule": {"choice": ["parabolic_decay", "cosine_decay", "beta", "equal"]},
+                "arch.beta_a": {"uniform": [0.2, 1.0], "when": {"arch.schedule": "beta"}}}})
     data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=4, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="bbn", storage=tmp_path / "s",
@@ -141,11 +146,40 @@ def test_bbn_trials_with_different_schedules(ray_local, tmp_path):
                               f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
     assert len(runs) == 4 and all(r.data.tags["method"] == "bbn" for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
-    schedules = {r.data.params["method.schedule"] for r in runs}
+    schedules = {r.data.params["method.arch.schedule"] for r in runs}
     assert len(schedules) >= 2
     for r in runs:
-        assert ("method.beta_a" in r.data.params) == (r.data.params["method.schedule"] == "beta")
+        sampled = float(r.data.params["method.arch.beta_a"]) != 0.2  # the default unless sampled
+        assert sampled == (r.data.params["method.arch.schedule"] == "beta")
         history = client.get_metric_history(r.info.run_id, "alpha")
         assert len(history) == 2
-        if r.data.params["method.schedule"] == "parabolic_decay":
+        if r.data.params["method.arch.schedule"] == "parabolic_decay":
             assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([0.75, 0.0])
+
+
+def test_search_over_parts_names_composed_trials(ray_local, tmp_path):
+    data = tiny_search(method={"custom": {
+        "loss.name": {"choice": ["ldam", "balanced_softmax"]},
+        "weights.start": {"choice": ["never", 0.5]},
+        "stage2.name": {"choice": ["none", "lws"]},
+        "stage2.epochs": {"choice": [1], "when": {"stage2.name": "lws"}}}})
+    data["base"]["train"]["epochs"] = 2
+    data["search"].update(num_samples=3, asha={"enabled": False})
+    outcome = run_search(parse_search_file(data), name="parts", storage=tmp_path / "s",
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        p = r.data.params
+        words = [p["method.loss.name"]]
+        if p["method.weights.start"] == "0.5":
+            words.append("drw")
+        if "method.stage2.name" in p:  # a stage 2 (none: the param "method.stage2" is None)
+            words.append(p["method.stage2.name"])
+        label = "+".join(words)
+        assert r.data.tags["method"] == label  # named by its parts
+        record = outcome.records.trials[r.data.tags["ltsearch.trial_id"]]
+        assert record["method"] == label and record["epochs"] == (3 if "lws" in label else 2)
+        assert label in outcome.leaderboard

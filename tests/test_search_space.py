@@ -7,7 +7,8 @@ import yaml
 
 from conftest import ROOT
 from ltsearch.cli import main
-from ltsearch.config import ConfigError, config_from_dict
+from ltsearch.config import ConfigError
+from ltsearch.runconfig import config_from_dict
 from ltsearch.search.space import load_search_file, parse_search_file
 
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -25,30 +26,51 @@ def test_conditional_parameters_appear_only_for_their_method():
         method = params["method"]
         seen.add(method)
         own = {k.split(".", 1)[1] for k in params if k.startswith(method + ".")}
-        others = [k for k in params if k not in ("method", "train.lr", "train.weight_decay")
+        others = [k for k in params if k not in ("method", "train.lr")
                   and not k.startswith(method + ".")]
         assert not others, (method, others)
         if method == "reweight":
-            assert ("beta" in own) == (params["reweight.weighting"] == "effective")
-            assert ("gamma" in own) == (params["reweight.loss"] == "focal")
+            assert ("weights.beta" in own) == (params["reweight.weights.scheme"] == "effective")
+            assert ("loss.gamma" in own) == (params["reweight.loss.name"] == "focal")
         if method == "two_stage":
-            v = params["two_stage.variant"]
-            assert ("defer_epoch" in own) == (v in ("drw", "drs"))
-            assert ("beta" in own) == (v == "drw")
-            assert ("crt_epochs" in own) == ("crt_lr" in own) == (v == "crt")
+            drs = params["two_stage.weights.start"] == "never"
+            assert ("sampler.then" in own) == ("sampler.start" in own) == drs
         if method == "bbn":
-            assert ("beta_a" in own) == (params["bbn.schedule"] == "beta")
-            assert ("switch_epoch" in own) == (params["bbn.schedule"] == "separated")
+            assert ("arch.beta_a" in own) == (params["bbn.arch.schedule"] == "beta")
+            assert ("arch.switch_epoch" in own) == (params["bbn.arch.schedule"] == "separated")
         if method == "feature_aug":
-            assert params["feature_aug.tau_g"] < params["feature_aug.tau_s"]
+            assert params["feature_aug.stage2.tau_g"] < params["feature_aug.stage2.tau_s"]
+        if method == "custom":
+            assert ("stage2.epochs" in own) == (params["custom.stage2.name"] in ("crt", "lws"))
         cfg = config_from_dict(space.trial_config(params))  # every trial is a valid config
         assert cfg.method.name == method
-    assert seen == {"ce", "reweight", "resample", "two_stage", "bbn", "feature_aug"}
+    assert seen == set(space.methods) and len(seen) == 13
+
+
+def test_trial_config_nests_part_parameters():
+    space = load_search_file(QUICKSTART)
+    cfg = space.trial_config({"method": "custom", "custom.loss.name": "ldam",
+                              "custom.weights.start": 0.5, "custom.mixup.alpha": 1.0,
+                              "custom.mixup.until": "never", "custom.stage2.name": "crt",
+                              "custom.stage2.epochs": 2, "train.lr": 0.01})
+    m = cfg["method"]  # every part expanded, the same config in trials.json and MLflow
+    assert m["name"] == "custom" and m["loss"] == {"name": "ldam", "max_m": 0.5, "s": 30.0}
+    assert m["weights"]["start"] == 0.5 and m["weights"]["scheme"] == "effective"
+    assert m["mixup"] == {"alpha": 1.0, "kind": "mixup", "until": "never"}
+    assert m["stage2"]["name"] == "crt" and m["stage2"]["epochs"] == 2 and m["posthoc"] is None
+    assert cfg["train"]["threads"] == 1
+    run = config_from_dict(cfg)
+    assert run.method.label() == "ldam+drw+mixup+crt" and run.train.lr == 0.01
+    wb = config_from_dict(space.trial_config({"method": "weight_balancing",
+                                              "weight_balancing.stage2.thresh": 0.1,
+                                              "weight_balancing.train.weight_decay": 0.002,
+                                              "train.lr": 0.01}))
+    assert wb.train.weight_decay == 0.002  # a preset's own training keys win
 
 
 def test_max_epochs_counts_second_phases():
     space = load_search_file(QUICKSTART)
-    assert space.max_epochs() == 4 + 2  # cRT / feature_aug stage 2 add up to 2 epochs
+    assert space.max_epochs() == 4 + 2  # cRT / feature_aug / MiSLAS stage 2 add up to 2 epochs
 
 
 def _file(**space):
@@ -61,17 +83,29 @@ def _file(**space):
     (_file(train={"lr": {"uniform": [0.1, 0.01]}}), "space.train.lr.uniform", "empty range"),
     (_file(train={"lr": {"loguniform": [0, 0.1]}}), "space.train.lr.loguniform", "low > 0"),
     (_file(method={"ce": {"beta": {"uniform": [0.9, 0.99]}}}), "space.method.ce.beta",
-     "not a parameter of method 'ce'"),
-    (_file(method={"reweight": {"beta": {"uniform": [0.9, 1.0]}}}), "space.method.reweight.beta",
-     "value 1.0: must be < 1.0"),
-    (_file(method={"reweight": {"beta": {"choice": [-0.5, 0.9]}}}), "space.method.reweight.beta",
-     "must be >= 0"),
-    (_file(method={"two_stage": {"defer_epoch": {"int": [1, 9]}}}), "space.method.two_stage.defer_epoch",
-     "below train.epochs"),
-    (_file(method={"feature_aug": {"tau_s": {"uniform": [0.5, 0.9]}, "tau_g": {"uniform": [0.1, 0.6]}}}),
-     "space.method.feature_aug.tau_g", "tau_s"),
-    (_file(method={"reweight": {"gamma": {"uniform": [1, 2], "when": {"loss": "focal"}}}}),
-     "space.method.reweight.gamma.when.loss", "listed before"),
+     "not a part parameter of method 'ce'"),
+    (_file(method={"ce": {"loss.beta": {"uniform": [0.9, 0.99]}}}), "space.method.ce.loss.beta",
+     "not a parameter of loss 'ce'"),
+    (_file(method={"reweight": {"weights.beta": {"uniform": [0.9, 1.0]}}}),
+     "space.method.reweight.weights.beta", "value 1.0: must be < 1.0"),
+    (_file(method={"reweight": {"weights": {"beta": {"choice": [-0.5, 0.9]}}}}),
+     "space.method.reweight.weights.beta", "must be >= 0"),
+    (_file(method={"two_stage": {"weights.start": {"int": [1, 9]}}}),
+     "space.method.two_stage.weights.start", "below train.epochs"),
+    (_file(method={"two_stage": {"weights.start": {"uniform": [0.5, 1.5]}}}),
+     "space.method.two_stage.weights.start", "fraction of the run"),
+    (_file(method={"feature_aug": {"stage2.tau_s": {"uniform": [0.5, 0.9]},
+                                   "stage2.tau_g": {"uniform": [0.1, 0.6]}}}),
+     "space.method.feature_aug.stage2.tau_g", "tau_s"),
+    (_file(method={"reweight": {"loss.gamma": {"uniform": [1, 2], "when": {"loss.name": "focal"}}}}),
+     "space.method.reweight.loss.gamma.when.loss.name", "listed before"),
+    (_file(method={"reweight": {"loss.name": {"choice": ["ce", "focal"]},
+                                "loss.gamma": {"uniform": [1, 2], "when": {"loss.name": "focl"}}}}),
+     "space.method.reweight.loss.gamma.when.loss.name", "'focl' is not one of"),
+    (_file(method={"bbn": {"mixup.alpha": {"uniform": [0.2, 1.0]}}}), "space.method.bbn.mixup.alpha",
+     "single-branch"),
+    (_file(method={"bbn": {"stage2.name": {"choice": ["none", "crt"]}}}),
+     "space.method.bbn.stage2.name", "needs the plain classifier"),
     (_file(train={"lr": {"uniformm": [0.1, 0.2]}}), "space.train.lr.uniformm", "distribution"),
     ({**_file(), "serach": {}}, "serach", "unknown key"),
     ({**_file(), "search": {"num_samples": 0}}, "search.num_samples", ">= 1"),
@@ -85,10 +119,10 @@ def test_bad_search_files_name_the_path(data, key, text):
 
 def test_cli_rejects_bad_file_before_ray(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_file(method={"reweight": {"beta": {"uniform": [0.5, 1.5]}}})))
+    path.write_text(yaml.safe_dump(_file(method={"reweight": {"weights.beta": {"uniform": [0.5, 1.5]}}})))
     assert main(["search", str(path), "--storage", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "space.method.reweight.beta" in err[0] and str(path) in err[0]
+    assert len(err) == 1 and "space.method.reweight.weights.beta" in err[0] and str(path) in err[0]
     assert not (tmp_path / "s").exists()  # nothing started, nothing written
 
 
@@ -96,3 +130,23 @@ def test_shipped_search_files_are_valid():
     for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
         space = load_search_file(path)
         assert space.methods, path
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt.yaml", "cifar100_lt.yaml"])
+def test_cifar_files_cover_every_preset_and_run_bbn_on_its_own_schedule(name):
+    """Fidelity fix 1: the shipped CIFAR files ran BBN under LDAM's schedule (lr 0.1 until 160,
+    no Nesterov); BBN's published number uses its own (Nesterov, ×0.01 at 120 and 160)."""
+    from ltsearch.recipes import PRESETS
+
+    space = load_search_file(ROOT / "search_spaces" / name)
+    assert set(space.methods) == set(PRESETS)
+    bbn = config_from_dict(space.trial_config({"method": "bbn", "train.lr": 0.1,
+                                               "bbn.arch.schedule": "parabolic_decay"})).train
+    assert bbn.nesterov and bbn.milestones == [120, 160] and bbn.epochs == 200
+    ce = config_from_dict(space.trial_config({"method": "ce", "train.lr": 0.1,
+                                              "ce.train.weight_decay": 2e-4})).train
+    assert not ce.nesterov and ce.milestones == [160, 180]
+    wb = config_from_dict(space.trial_config({"method": "weight_balancing", "train.lr": 0.1,
+                                              "weight_balancing.train.weight_decay": 0.005,
+                                              "weight_balancing.stage2.thresh": 0.1})).train
+    assert wb.weight_decay == 0.005

@@ -9,6 +9,8 @@ The instance sampler shuffles the whole set (p_c = n_c / N, without replacement)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -97,3 +99,15 @@ SAMPLERS = {cls.name: cls for cls in
 
 def make_sampler(name: str, index: ClassIndex) -> Sampler:
     return SAMPLERS[name](index)
+
+
+@dataclass
+class Draw:
+    """A sampler bound to its place in a schedule: epoch ``epoch`` of ``total`` (a progressive
+    sampler switched on mid-run ramps from its switch, not from the run's start)."""
+    sampler: Sampler
+    epoch: int
+    total: int
+
+    def __call__(self, n: int, gen: torch.Generator | None) -> torch.Tensor:
+        return self.sampler.draw(n, self.epoch, self.total, gen)

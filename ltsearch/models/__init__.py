@@ -36,13 +36,34 @@ def split_last_block(body: nn.Sequential) -> tuple[nn.Sequential, nn.Module]:
     return trunk, last_stage[-1]
 
 
-class ImageClassifier(nn.Module):
-    """body → global average pool → linear classifier."""
+class NormedLinear(nn.Module):
+    """Cosine classifier of LDAM-DRW's code: z_c = ⟨x/‖x‖, w_c/‖w_c‖⟩, no bias. The official
+    ``NormedLinear`` stores W as (in, out) and normalises columns; here rows of (out, in), the same
+    map, so class activation maps and per-class norms read ``weight[c]`` as for ``nn.Linear``."""
 
-    def __init__(self, body: nn.Sequential, feat_dim: int, num_classes: int):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.weight, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+
+
+CLASSIFIERS = {"linear": nn.Linear, "normed": NormedLinear}
+
+
+class ImageClassifier(nn.Module):
+    """body → global average pool → classifier (linear, or LDAM's normed one)."""
+
+    def __init__(self, body: nn.Sequential, feat_dim: int, num_classes: int,
+                 classifier: str = "linear"):
         super().__init__()
         self.body = body
-        self.classifier = nn.Linear(feat_dim, num_classes)
+        self.classifier = CLASSIFIERS[classifier](feat_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional map (N, C_f, H, W), the input of a class activation map."""

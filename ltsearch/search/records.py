@@ -56,7 +56,8 @@ class TrialRecords:
         return sorted(rows, key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
 
     def leaderboard(self, metric: str, mode: str) -> list[dict]:
-        """The best trial per method by ``metric`` (completed trials first, then any)."""
+        """The best trial per recipe (its preset, or its parts if composed freely) by ``metric``
+        (completed trials first, then any)."""
         best: dict[str, dict] = {}
         for r in self.ranked(metric, mode, completed_only=False):
             cur = best.get(r["method"])
@@ -95,7 +96,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def format_leaderboard(rows: list[dict], metric: str) -> str:
-    head = f"{'method':<12} {'trial':<10} {'status':<9} {'epochs':>6} {metric:>18} " \
+    width = max([12] + [len(r["method"]) for r in rows])
+    head = f"{'method':<{width}} {'trial':<10} {'status':<9} {'epochs':>6} {metric:>18} " \
            f"{'test top1':>9} {'many':>6} {'medium':>6} {'few':>6}"
     lines = [head, "-" * len(head)]
 
@@ -104,7 +106,7 @@ def format_leaderboard(rows: list[dict], metric: str) -> str:
 
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['method']:<12} {r['trial_id'][-10:]:<10} {r['status']:<9} "
+        lines.append(f"{r['method']:<{width}} {r['trial_id'][-10:]:<10} {r['status']:<9} "
                      f"{r.get('epochs', 0):>6} {f(m.get(metric), 18)} {f(m.get('test/top1'), 9)} "
                      f"{f(m.get('test/many'))} {f(m.get('test/medium'))} {f(m.get('test/few'))}")
     return "\n".join(lines)
@@ -124,16 +126,11 @@ class RecordsCallback(Callback):
     def _records(self) -> TrialRecords:
         return TrialRecords(self.folder)
 
-    def trial_config(self, trial) -> dict:
-        cfg = self.space.trial_config(trial.config)
-        cfg.setdefault("train", {})["threads"] = max(1, int(self.space.settings.resources.cpu))
-        return cfg
-
     def on_trial_start(self, iteration, trials, trial, **info):
-        cfg = self.trial_config(trial)
+        cfg = self.space.trial_config(trial.config)
         rec = self._records()
         old = rec.trials.get(trial.trial_id, {})
-        rec.update(trial.trial_id, method=cfg["method"]["name"], config=cfg, status="RUNNING",
+        rec.update(trial.trial_id, method=self.space.label(cfg), config=cfg, status="RUNNING",
                    epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                    metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None)
 

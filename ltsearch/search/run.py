@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ltsearch.config import ConfigError, config_from_dict
+from ltsearch.config import ConfigError
+from ltsearch.runconfig import config_from_dict
 
 log = logging.getLogger(__name__)
 

@@ -7,18 +7,24 @@ base:            # an ``ltsearch train`` config (defaults fill the rest)
 search:          # settings, overridable on the command line
   num_samples: 12
 space:
-  train:         # distributions over training knobs
+  train:         # distributions over training knobs, for every trial
     lr: {loguniform: [0.01, 0.2]}
-  method:        # one entry per method, with only its own parameters
+  method:        # one entry per preset, with distributions over its parts' parameters
     ce: {}
     reweight:
-      weighting: {choice: [inverse, sqrt, effective]}
-      beta: {uniform: [0.9, 0.9999], when: {weighting: effective}}
+      weights.scheme: {choice: [inverse, sqrt, effective]}
+      weights.beta: {uniform: [0.9, 0.9999], when: {weights.scheme: effective}}
+    custom:      # a free composition
+      loss.name: {choice: [ce, ldam, balanced_softmax]}
+      loss.max_m: {uniform: [0.3, 0.6], when: {loss.name: ldam}}
+      stage2.name: {choice: [none, crt, lws]}
+      train.weight_decay: {loguniform: [1e-4, 5e-3]}   # this preset's own training keys
 ```
 
 Distributions: ``uniform: [lo, hi]``, ``loguniform: [lo, hi]``, ``int: [lo, hi]`` (inclusive),
-``choice: [a, b, …]``; a plain value is a constant. ``when: {param: value | [values]}`` makes a
-method parameter exist only when an earlier parameter of the same method has one of the values.
+``choice: [a, b, …]``; a plain value is a constant. A parameter is ``part.param`` (dotted, or
+nested mappings). ``when: {param: value | [values]}`` makes it exist only when an earlier
+parameter of the same preset has one of the values.
 
 Everything is validated here, before Ray starts: each distribution's extremes and each choice are
 substituted into the base config and run through the one config validator, so a bad value gets
@@ -27,13 +33,14 @@ the same message as in ``ltsearch train``, keyed by its path in this file.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ltsearch.config import ConfigError, config_from_dict, from_dict, read_yaml, spec
-from ltsearch.methods import get_method, method_names
+from ltsearch.config import ConfigError, from_dict, read_yaml, spec
+from ltsearch.recipes import PRESETS
+from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES
+from ltsearch.runconfig import config_from_dict
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -144,44 +151,110 @@ class SearchSpace:
                 chosen[param] = dist.suggest(trial, f"{method}.{param}")
 
     def trial_config(self, flat: dict) -> dict:
-        """The full ``ltsearch train`` config of a trial from its flat suggested values."""
+        """The full ``ltsearch train`` config of a trial from its flat suggested values, every
+        part expanded: the one builder every layer uses (the trial, trials.json, MLflow,
+        export), so each shows the same config."""
+        cfg = config_from_dict(self._given(flat)).to_dict()
+        cfg["train"]["threads"] = max(1, int(self.settings.resources.cpu))
+        return cfg
+
+    def _given(self, flat: dict) -> dict:
+        """The base config with the trial's values put in (before presets expand)."""
         cfg = copy.deepcopy(self.base)
         names = list(self.methods)
         method = flat.get("method", names[0])
-        params = {}
+        values = {}
         for param, dist in self.methods[method].items():
             key = f"{method}.{param}"
             if key in flat:
-                params[param] = flat[key]
-            elif dist.kind == "const" and all(params.get(k) in v for k, v in dist.when.items()):
-                params[param] = dist.args[0]
-        cfg["method"] = {"name": method, **params}
+                values[param] = flat[key]
+            elif dist.kind == "const" and _active(dist, values):
+                values[param] = dist.args[0]
+        cfg["method"] = method_dict(method, values)
         for key, dist in self.train.items():
             value = flat[key] if key in flat else dist.args[0]
             section, name = key.split(".", 1)
             cfg.setdefault(section, {})[name] = value
         return cfg
 
+    @staticmethod
+    def label(cfg: dict) -> str:
+        """The leaderboard's name of a trial config: its preset, or its parts if composed."""
+        return config_from_dict(cfg).method.label()
+
     def max_epochs(self) -> int:
-        """ASHA's max_t: the longest trial the space allows (extra phases included)."""
-        base_epochs = config_from_dict(self.base).train.epochs
+        """ASHA's max_t: the longest trial the space allows (second stages included), from the
+        configs at the ends of every epoch-valued range."""
         epochs = self.train.get("train.epochs")
-        top = max(epochs.extremes()) if epochs else base_epochs
-        extra = 0
-        for name, params in self.methods.items():
-            cls = get_method(name)
-            for combo in _corner_params(params):
-                p = from_dict(cls.Params, combo, f"space.method.{name}")
-                extra = max(extra, cls.extra_epochs(p))
-        return int(top + extra)
+        tops = epochs.extremes() if epochs else [None]
+        longest = 0
+        for method, dists in self.methods.items():
+            varied = {k: d for k, d in dists.items()
+                      if k.startswith("stage2.") or k == "train.epochs"}
+            for top in tops:
+                for values in _assignments(dists, varied):
+                    cfg = copy.deepcopy(self.base)
+                    cfg["method"] = method_dict(method, values)
+                    if top is not None:
+                        cfg.setdefault("train", {})["epochs"] = top
+                    run = config_from_dict(cfg)
+                    longest = max(longest, run.train.epochs + run.method.extra_epochs(run.train))
+        return int(longest)
 
 
-def _corner_params(params: dict[str, Dist]) -> list[dict]:
-    """Parameter sets at every choice of each parameter and both ends of each range."""
-    out = [{}]
-    for name, dist in params.items():
-        out = [{**o, name: v} for o in out for v in dist.extremes()][:256]
+def _active(dist: Dist, values: dict) -> bool:
+    return all(values.get(k) in v for k, v in dist.when.items())
+
+
+def method_dict(preset: str, values: dict) -> dict:
+    """{"loss.name": "focal", "loss.gamma": 2} → {"name": preset, "loss": {"name": "focal", …}}."""
+    out: dict = {"name": preset}
+    for dotted, value in values.items():
+        node = out
+        *path, leaf = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out
+
+
+def _assignments(dists: dict[str, Dist], varied: dict[str, Dist], limit: int = 256) -> list[dict]:
+    """Parameter sets with every ``varied`` parameter at each end of its range (or each choice),
+    the others at their first value, each only where its ``when`` holds."""
+    out = [{}]
+    for name, dist in dists.items():
+        grown = []
+        for values in out:
+            if not _active(dist, values):
+                grown.append(values)
+                continue
+            options = dist.extremes() if name in varied else dist.extremes()[:1]
+            grown += [{**values, name: v} for v in options]
+        out = grown[:limit]
+    return out
+
+
+def _assignment_for(dists: dict[str, Dist], param: str, value) -> dict:
+    """Every parameter that exists at its first value, ``param`` at ``value``, with the
+    conditions ``param`` needs made to hold."""
+    needed: dict = {}
+    chain = [param]
+    while chain:  # the conditions of param, of those conditions, …
+        for cond, vals in dists[chain.pop()].when.items():
+            if cond not in needed:
+                needed[cond] = vals
+                chain.append(cond)
+    values: dict = {}
+    for name, dist in dists.items():
+        if not _active(dist, values):
+            continue
+        if name == param:
+            values[name] = value
+            continue
+        options = dist.extremes()
+        allowed = [v for v in options if v in needed[name]] if name in needed else options
+        values[name] = (allowed or options)[0]
+    return values
 
 
 def _with(base: dict, section: str, name: str, value) -> dict:
@@ -238,51 +311,89 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
 
     method_space = space.get("method")
     if method_space is None:
-        base_method = (base.get("method") or {}).get("name", "ce")
-        method_space = {base_method: {k: v for k, v in (base.get("method") or {}).items() if k != "name"}}
+        base_method = base.get("method") or {}
+        base_method = {"name": base_method} if isinstance(base_method, str) else base_method
+        method_space = {base_method.get("name", "ce"): {}}
     if not isinstance(method_space, dict) or not method_space:
         raise ConfigError("space.method", "must map at least one method name to its parameters")
     methods: dict[str, dict[str, Dist]] = {}
     for name, params in method_space.items():
         mkey = f"space.method.{name}"
-        if name not in method_names():
-            raise ConfigError(mkey, f"unknown method {name!r} (known: {', '.join(method_names())})")
-        params = params or {}
-        if not isinstance(params, dict):
-            raise ConfigError(mkey, "must be a mapping of parameter → distribution")
-        cls = get_method(name)
-        fields = [f.name for f in dataclasses.fields(cls.Params)]
-        dists: dict[str, Dist] = {}
-        for param, value in params.items():
-            key = f"{mkey}.{param}"
-            if param not in fields:
-                raise ConfigError(key, f"not a parameter of method {name!r} "
-                                       f"(its parameters: {', '.join(fields) or 'none'})")
-            dist = parse_dist(value, key)
-            for cond in dist.when:
-                if cond not in dists:
-                    raise ConfigError(f"{key}.when.{cond}",
-                                      f"must name a parameter of {name!r} listed before {param!r}")
-            dists[param] = dist
-        # Each value is checked with the method's other parameters at their first value.
-        first = {p: d.extremes()[0] for p, d in dists.items()}
+        if name not in PRESETS:
+            raise ConfigError(mkey, f"unknown method {name!r} (known: {', '.join(sorted(PRESETS))})")
+        dists = _parse_method_space(name, _flatten_params(params or {}, mkey), mkey)
         for param, dist in dists.items():
             for v in dist.extremes():
+                values = _assignment_for(dists, param, v)
                 try:
-                    config_from_dict({**base, "method": {"name": name, **first, param: v}})
+                    config_from_dict({**base, "method": method_dict(name, values)})
                 except ConfigError as e:
                     raise _rekey(e, f"{mkey}.{param}", v) from None
-        check = getattr(cls.Params, "check_ranges", None)
-        if check is not None:
-            ranges = {p: (min(d.extremes()), max(d.extremes())) for p, d in dists.items()
-                      if d.kind in ("uniform", "loguniform", "int", "const")
+        _check_ranges(name, dists, mkey)
+        methods[name] = dists
+    return SearchSpace(base, settings, knobs, methods, data)
+
+
+def _flatten_params(params: Any, key: str) -> dict:
+    """A preset's space as dotted parameters; nested mappings (``loss: {gamma: …}``) or dotted
+    keys (``loss.gamma: …``) are both accepted; a mapping with a distribution key is a leaf."""
+    if not isinstance(params, dict):
+        raise ConfigError(key, "must be a mapping of part parameter → distribution")
+    out: dict = {}
+    for name, value in params.items():
+        if isinstance(value, dict) and not (set(value) & {*DIST_KINDS, "when"}):
+            for sub, v in _flatten_params(value, f"{key}.{name}").items():
+                out[f"{name}.{sub}"] = v
+        else:
+            out[str(name)] = value
+    return out
+
+
+def _parse_method_space(preset: str, params: dict, mkey: str) -> dict[str, Dist]:
+    dists: dict[str, Dist] = {}
+    kinds = [k for k in METHOD_KEYS if k != "name"]
+    for param, value in params.items():
+        key = f"{mkey}.{param}"
+        kind = param.split(".", 1)[0]
+        if kind not in kinds or "." not in param:
+            raise ConfigError(key, f"not a part parameter of method {preset!r}: name a part and "
+                                   f"its parameter, e.g. loss.gamma (parts: {', '.join(kinds)})")
+        dist = parse_dist(value, key)
+        prefix = param.rsplit(".", 1)[0]
+        dist.when = {(c if c in dists or f"{prefix}.{c}" not in dists else f"{prefix}.{c}"): v
+                     for c, v in dist.when.items()}
+        for cond, allowed in dist.when.items():
+            if cond not in dists:
+                raise ConfigError(f"{key}.when.{cond}",
+                                  f"must name a parameter of {preset!r} listed before {param!r}")
+            choices = dists[cond].extremes() if dists[cond].kind in ("choice", "const") else None
+            bad = [v for v in allowed if choices is not None and v not in choices]
+            if bad:
+                raise ConfigError(f"{key}.when.{cond}", f"{bad[0]!r} is not one of {cond}'s "
+                                                        f"values {choices}")
+        dists[param] = dist
+    return dists
+
+
+def _check_ranges(preset: str, dists: dict[str, Dist], mkey: str) -> None:
+    """Rules between two ranges of one part (feature_aug's every τg < every τs)."""
+    for kind, registry in REGISTRIES.items():
+        named = dists.get(f"{kind}.name")
+        part = (PRESETS[preset].get(kind) or {}).get("name")
+        candidates = named.extremes() if named else [part]
+        for cand in candidates:
+            if cand not in registry.parts:
+                continue
+            check = getattr(registry.get(cand).Params, "check_ranges", None)
+            if check is None:
+                continue
+            ranges = {k.split(".", 1)[1]: (min(d.extremes()), max(d.extremes()))
+                      for k, d in dists.items() if k.startswith(kind + ".") and k.count(".") == 1
                       and all(isinstance(v, (int, float)) for v in d.extremes())}
             try:
                 check(ranges)
             except ConfigError as e:
-                raise ConfigError(f"{mkey}.{e.key}", e.message) from None
-        methods[name] = dists
-    return SearchSpace(base, settings, knobs, methods, data)
+                raise ConfigError(f"{mkey}.{kind}.{e.key}", e.message) from None
 
 
 def load_search_file(path: str | Path, overrides: Optional[dict] = None) -> SearchSpace:

@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from ltsearch.config import config_from_dict
+from ltsearch.runconfig import config_from_dict
 from ltsearch.trainer import Trainer
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -23,10 +23,8 @@ def trial_device() -> str:
 
 def run_trial(config: dict, data=None, space=None) -> None:
     """Tune function trainable; ``data`` (LongTailData) arrives once through the object store."""
-    trial_cfg = space.trial_config(config)
-    cfg = config_from_dict(trial_cfg)
+    cfg = config_from_dict(space.trial_config(config))
     cfg.train.device = trial_device()
-    cfg.train.threads = max(1, int(space.settings.resources.cpu))
     trainer = Trainer(cfg, data)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -37,7 +35,7 @@ def run_trial(config: dict, data=None, space=None) -> None:
 
     def report(metrics: dict, tr: Trainer) -> None:
         metrics = {**metrics, "node_id": node, "device": str(tr.device),
-                   "method_name": cfg.method.name}
+                   "method_name": cfg.method.label()}
         if tr.epoch % every == 0 or tr.epoch == tr.total_epochs:
             with tempfile.TemporaryDirectory() as folder:
                 tr.save(Path(folder) / CHECKPOINT_FILE)

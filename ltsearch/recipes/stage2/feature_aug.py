@@ -1,6 +1,6 @@
 """Feature-space augmentation for long-tailed data (Chu, Bian, Liu, Ling, ECCV 2020).
 
-Stage 1 trains the network with an ordinary method. Stage 2 freezes the feature extractor and
+Stage 1 trains the network with any single-branch recipe. Stage 2 freezes the feature extractor and
 fine-tunes the classifier on real features mixed with new tail samples made in feature space:
 - class activation map of class c on a feature map f: M_c = Σ_k w_k^c f_k, min–max normalised
   per image (Zhou et al. 2016; Chu et al. §3.2), with w^c the stage-1 classifier row;
@@ -13,14 +13,15 @@ fine-tunes the classifier on real features mixed with new tail samples made in f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ltsearch.config import ConfigError, spec
-from ltsearch.data.samplers import Sampler
-from ltsearch.methods.base import Method, NoParams, Phase, classifier_phase, get_method, register
+from ltsearch.data.samplers import Draw, Sampler, make_sampler
+from ltsearch.recipes.protocol import STAGE2, classifier_phase
+from ltsearch.recipes.stage2.base import Stage2
 
 
 def class_activation_map(fmap: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -44,12 +45,19 @@ def fuse(f_tail, cam_tail, f_head, cam_head, tau_s: float, tau_g: float) -> torc
     return f_tail * spec_t + f_head * gen_h * (1 - spec_t)
 
 
-def tail_classes(counts: list[int], tail_share: float, tail_count: Optional[int]) -> list[int]:
-    """Classes holding under ``tail_share`` of the training images (or under ``tail_count``)."""
-    total = sum(counts)
-    if tail_count is not None:
-        return [c for c, n in enumerate(counts) if n < tail_count]
-    return [c for c, n in enumerate(counts) if n < tail_share * total]
+def tail_classes(counts: list[int], fraction: Optional[float] = 0.5, share: Optional[float] = None,
+                 count: Optional[int] = None) -> list[int]:
+    """Tail classes: those under ``count`` images, or holding under ``share`` of all images, or by
+    default the rarest ``fraction`` of the classes (ties broken by label). The default works on
+    any data: CIFAR-100-LT's classes each hold under 5 % of the images, so a share rule made every
+    class a tail class there."""
+    if count is not None:
+        return [c for c, n in enumerate(counts) if n < count]
+    if share is not None:
+        total = sum(counts)
+        return [c for c, n in enumerate(counts) if n < share * total]
+    k = max(1, int(fraction * len(counts) + 0.5))
+    return sorted(sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k])
 
 
 @torch.no_grad()
@@ -79,19 +87,22 @@ class TailSampler(Sampler):
 
 @dataclass
 class FeatureAugParams:
-    stage1: Literal["ce", "reweight", "resample"] = spec("ce", doc="stage-1 method (default params)")
     tau_s: float = spec(0.6, gt=0.0, lt=1.0, doc="class-specific threshold τs")
     tau_g: float = spec(0.3, gt=0.0, lt=1.0, doc="class-generic threshold τg (< τs)")
     k: int = spec(3, ge=1, doc="confusing head classes per tail class")
     aug_per_tail: int = spec(2, ge=1, doc="fused samples per tail image")
-    tail_share: float = spec(0.05, gt=0.0, lt=1.0, doc="tail: classes under this share of images")
-    tail_count: Optional[int] = spec(None, ge=1, doc="tail: classes under this many images instead")
-    stage2_epochs: int = spec(10, ge=1)
-    stage2_lr: float = spec(0.01, gt=0.0)
+    tail_fraction: float = spec(0.5, gt=0.0, lt=1.0, doc="tail: the rarest fraction of classes")
+    tail_share: Optional[float] = spec(None, gt=0.0, lt=1.0,
+                                       doc="tail instead: classes under this share of images")
+    tail_count: Optional[int] = spec(None, ge=1, doc="tail instead: classes under this many images")
+    epochs: int = spec(10, ge=1, doc="stage-2 epochs")
+    lr: float = spec(0.01, gt=0.0, doc="stage-2 lr (cosine to 0)")
 
     def check(self):
         if not self.tau_g < self.tau_s:
             raise ConfigError("tau_g", f"must be below tau_s ({self.tau_s}), got {self.tau_g}")
+        if self.tail_share is not None and self.tail_count is not None:
+            raise ConfigError("tail_count", "give tail_share or tail_count, not both")
 
     @staticmethod
     def check_ranges(ranges: dict) -> None:
@@ -104,24 +115,20 @@ class FeatureAugParams:
                                        "τg < τs must hold for every sampled pair")
 
 
-@register
-class FeatureAug(Method):
+@STAGE2.register
+class FeatureAug(Stage2):
     name = "feature_aug"
     Params = FeatureAugParams
 
-    @classmethod
-    def extra_epochs(cls, params):
-        return params.stage2_epochs
-
-    def __init__(self, params, ctx, train):
-        super().__init__(params, ctx, train)
-        stage1_cls = get_method(params.stage1)
-        stage1_params = stage1_cls.Params() if stage1_cls.Params is not NoParams else NoParams()
-        self.stage1 = stage1_cls(stage1_params, ctx, train)
-        self.tails = tail_classes(ctx.counts, params.tail_share, params.tail_count)
+    def __init__(self, params, recipe):
+        super().__init__(params, recipe)
+        ctx = recipe.ctx
+        self.ctx = ctx
+        self.tails = tail_classes(ctx.counts, params.tail_fraction, params.tail_share,
+                                  params.tail_count)
         self.heads = [c for c in range(ctx.num_classes) if c not in self.tails]
         if not self.tails or len(self.heads) < params.k:
-            raise ConfigError("method.tail_share",
+            raise ConfigError("method.stage2.tail_fraction",
                               f"gives {len(self.tails)} tail and {len(self.heads)} head classes; "
                               f"need at least 1 tail and k={params.k} head classes")
         # row of each tail class in ``confusing`` (−1 for head classes)
@@ -129,17 +136,18 @@ class FeatureAug(Method):
         self.tail_slot[self.tails] = torch.arange(len(self.tails), device=ctx.device)
         self.confusing: torch.Tensor | None = None
         self.cam_weight: torch.Tensor | None = None
+        self.model = None
 
-    def phases(self):
-        p = self.params
-        return [Phase("stage1", self.train_cfg),
-                classifier_phase("stage2", p.stage2_epochs, p.stage2_lr, self.train_cfg)]
+    @classmethod
+    def phases(cls, params, train):
+        return [classifier_phase("stage2", params.epochs, params.lr, train)]
 
     @torch.no_grad()
-    def on_phase_start(self, phase, phase_index, resumed):
-        if phase.name != "stage2" or resumed:
+    def on_start(self, model, resumed):
+        self.model = model
+        if resumed:
             return
-        model, data = self.model, self.ctx.train
+        data = self.ctx.train
         model.eval()
         probs = []
         for i in range(0, len(data), 1024):
@@ -150,14 +158,11 @@ class FeatureAug(Method):
                                                 self.params.k)
         self.cam_weight = model.classifier.weight.detach().clone()
 
-    def samplers(self, phase, epoch):
-        if phase.name == "stage1":
-            return self.stage1.samplers(phase, epoch)
-        return [self.sampler("instance"), TailSampler(self.ctx.index, self.tails)]
+    def samplers(self, epoch, total):
+        return [Draw(make_sampler("instance", self.ctx.index), epoch, total),
+                Draw(TailSampler(self.ctx.index, self.tails), epoch, total)]
 
-    def loss(self, model, batches, phase, epoch, step):
-        if phase.name == "stage1":
-            return self.stage1.loss(model, batches, phase, epoch, step)
+    def loss(self, model, batches, epoch, step):
         real, tail = batches
         feats, labels = self.augmented_features(real, tail)
         logits = self.model.classifier(feats.mean(dim=(2, 3)))

@@ -1,0 +1,315 @@
+"""A recipe: the parts of a trial, composed (loss × class weights × sampler × mixup × architecture
+× second stage × post-hoc adjustment), and the one :class:`Method` the trainer runs.
+
+``method:`` in a config names a preset (:mod:`ltsearch.recipes.presets`) and may override any
+part; :func:`load_recipe` expands it into a :class:`RecipeConfig` and :func:`check_recipe` rejects
+every combination that cannot work, naming the key, before anything trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from ltsearch.config import (ConfigError, EpochAt, TrainConfig, check_epoch_at, from_dict,
+                             resolve_epoch, scale_epoch)
+from ltsearch.recipes.losses.logit_adjust import log_priors
+from ltsearch.recipes.mixup import Mixer, MixupConfig
+from ltsearch.recipes.posthoc import PosthocConfig, adjust_logits
+from ltsearch.recipes.presets import PRESETS
+from ltsearch.recipes.protocol import ARCHS, LOSSES, STAGE2, Method, PartConfig, Phase
+from ltsearch.recipes.sampling import SamplerConfig, scheduled_sampler
+from ltsearch.recipes.weights import WeightsConfig, class_weights, objective
+
+# The kinds of part a method config may set, and what each is without a preset's say.
+DEFAULT_PARTS: dict[str, Any] = {"loss": {"name": "ce"}, "weights": None,
+                                 "sampler": {"name": "instance"}, "mixup": None,
+                                 "arch": {"name": "plain"}, "stage2": None, "posthoc": None}
+REGISTRIES = {"loss": LOSSES, "arch": ARCHS, "stage2": STAGE2}
+SECTIONS = {"weights": WeightsConfig, "sampler": SamplerConfig, "mixup": MixupConfig,
+            "posthoc": PosthocConfig}
+METHOD_KEYS = ("name", *DEFAULT_PARTS, "train")
+
+
+@dataclass
+class RecipeConfig:
+    name: str  # the preset
+    loss: PartConfig
+    arch: PartConfig
+    sampler: SamplerConfig
+    weights: Optional[WeightsConfig] = None
+    mixup: Optional[MixupConfig] = None
+    stage2: Optional[PartConfig] = None
+    posthoc: Optional[PosthocConfig] = None
+    train: dict = field(default_factory=dict)       # method.train: overrides of the train section
+    train_fill: dict = field(default_factory=dict)  # the preset's recipe (its name brings it back)
+
+    def parts(self) -> dict[str, Any]:
+        return {kind: getattr(self, kind) for kind in DEFAULT_PARTS}
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name}
+        for kind, part in self.parts().items():
+            if part is None:
+                out[kind] = None
+            elif isinstance(part, PartConfig):
+                out[kind] = part.to_dict()
+            else:
+                out[kind] = dataclasses.asdict(part)
+        if self.train:
+            out["train"] = dict(self.train)
+        return out
+
+    def label(self) -> str:
+        """The leaderboard's name for the trial: its preset, or its parts when composed freely."""
+        return self.name if self.name != "custom" else describe(self)
+
+    def extra_epochs(self, train: TrainConfig) -> int:
+        """Epochs after stage 1, derived from the second stage's phases."""
+        if self.stage2 is None:
+            return 0
+        return STAGE2.get(self.stage2.name).extra_epochs(self.stage2.params, train)
+
+
+def describe(cfg: RecipeConfig) -> str:
+    """A few words for a composed recipe, e.g. ``ldam+drw+crt``."""
+    words = [] if cfg.loss.name == "ce" else [cfg.loss.name]
+    if cfg.weights is not None and cfg.weights.start != "never":
+        words.append("cb" if cfg.weights.start in ("always", 0, 0.0) else "drw")
+    s = cfg.sampler
+    if s.then is not None:
+        words.append(f"drs-{s.then}" if s.name == "instance" else f"{s.name}-{s.then}")
+    elif s.name != "instance":
+        words.append(s.name)
+    if cfg.mixup is not None:
+        words.append(cfg.mixup.kind)
+    if cfg.arch.name != "plain":
+        words.append("bbn" if cfg.arch.name == "bilateral" else cfg.arch.name)
+    if cfg.stage2 is not None:
+        words.append(cfg.stage2.name)
+    if cfg.posthoc is not None:
+        words.append("posthoc")
+    return "+".join(words) or "ce"
+
+
+def _merge(kind: str, preset: Any, override: Any) -> Any:
+    """A part given in ``method:`` over the preset's: null removes it, another name replaces it,
+    the same name (or none) updates its parameters (nested parts likewise)."""
+    if isinstance(override, str) and kind in ("loss", "arch", "stage2", "sampler"):
+        override = {"name": override}
+    if kind == "stage2" and isinstance(override, dict) and override.get("name") == "none":
+        return None
+    return _deep_merge(preset, override)
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    if not isinstance(over, dict) or not isinstance(base, dict):
+        return over
+    if "name" in over and over["name"] != base.get("name"):
+        return dict(over)
+    return {**base, **{k: _deep_merge(base.get(k), v) for k, v in over.items()}}
+
+
+def load_recipe(data: Any, prefix: str = "method") -> RecipeConfig:
+    """Expand ``method:`` (a preset name and part overrides) into a checked recipe."""
+    if data is None:
+        data = {}
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {data!r}")
+    unknown = [k for k in data if k not in METHOD_KEYS]
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}",
+                          f"unknown key (a method has: {', '.join(METHOD_KEYS)})")
+    name = data.get("name", "ce")
+    if name not in PRESETS:
+        raise ConfigError(f"{prefix}.name", f"unknown method {name!r} "
+                                            f"(known presets: {', '.join(sorted(PRESETS))})")
+    preset = PRESETS[name]
+    parts: dict[str, Any] = {}
+    for kind, default in DEFAULT_PARTS.items():
+        value = preset.get(kind, default)
+        if kind in data:
+            value = _merge(kind, value, data[kind])
+        if value is None and default is not None:
+            value = default
+        key = f"{prefix}.{kind}"
+        if value is None:
+            parts[kind] = None
+        elif kind in REGISTRIES:
+            parts[kind] = REGISTRIES[kind].parse(value, key)
+        else:
+            if isinstance(value, str):
+                raise ConfigError(key, f"must be a mapping, got {value!r}")
+            parts[kind] = from_dict(SECTIONS[kind], value, key)
+    overrides = data.get("train") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix}.train", f"must be a mapping of train keys, got {overrides!r}")
+    return RecipeConfig(name=name, train=dict(overrides), train_fill=dict(preset.get("train", {})),
+                        **parts)
+
+
+def _epoch_fields(obj) -> list[tuple[str, EpochAt]]:
+    if obj is None:
+        return []
+    params = obj.params if isinstance(obj, PartConfig) else obj
+    hints = typing.get_type_hints(type(params))
+    return [(f.name, getattr(params, f.name)) for f in dataclasses.fields(params)
+            if hints[f.name] == EpochAt]
+
+
+def check_recipe(cfg: RecipeConfig, train: TrainConfig, prefix: str = "method") -> None:
+    """Rules across parts and against the run: epochs inside it, and no combination that
+    cannot work."""
+    for kind, part in cfg.parts().items():
+        for name, value in _epoch_fields(part):
+            check_epoch_at(value, f"{prefix}.{kind}.{name}", train.epochs,
+                           inclusive=name != "start")
+    arch = ARCHS.get(cfg.arch.name)
+    if cfg.mixup is not None and not arch.single_branch:
+        raise ConfigError(f"{prefix}.mixup", f"mixup needs a single-branch network; arch "
+                                             f"{cfg.arch.name!r} has two branches")
+    if cfg.stage2 is not None:
+        stage = STAGE2.get(cfg.stage2.name)
+        if not arch.single_branch:
+            raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} needs the plain "
+                                                  f"classifier; arch {cfg.arch.name!r} has two branches")
+        if stage.needs_linear_classifier and getattr(cfg.arch.params, "classifier", "linear") != "linear":
+            raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} acts on the "
+                                                  "classifier's row norms; the normed classifier "
+                                                  "divides them out (use arch.classifier: linear)")
+        nested = stage.nested_loss(cfg.stage2.params)
+        if nested is not None:
+            LOSSES.parse(nested, f"{prefix}.stage2.loss")
+
+
+def scale_recipe(cfg: RecipeConfig, ratio: float) -> dict:
+    """The recipe's config with every absolute epoch-valued knob scaled (``--epochs``)."""
+    out = cfg.to_dict()
+    for kind, part in cfg.parts().items():
+        for name, value in _epoch_fields(part):
+            out[kind][name] = scale_epoch(value, ratio)
+    return out
+
+
+class Recipe(Method):
+    """Runs a :class:`RecipeConfig`: stage 1 with the loss, weights, sampler, mixup and
+    architecture parts, then the second stage's phases, post-hoc adjustment at inference."""
+
+    def __init__(self, cfg: RecipeConfig, ctx, train: TrainConfig):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.train_cfg = train
+        counts = ctx.counts_tensor
+        self.loss_fn = LOSSES.get(cfg.loss.name)(cfg.loss.params, counts)
+        w = cfg.weights
+        self.weights = class_weights(ctx.counts, w.scheme, w.beta).to(ctx.device) if w else None
+        self.arch = ARCHS.get(cfg.arch.name)(cfg.arch.params, ctx)
+        self.mixer = Mixer(cfg.mixup) if cfg.mixup is not None else None
+        self.mixing = False
+        self.epoch_weights = None
+        self.stage2 = (STAGE2.get(cfg.stage2.name)(cfg.stage2.params, self)
+                       if cfg.stage2 is not None else None)
+        self.log_priors = log_priors(counts)
+        self._phases = [Phase("stage1", train)]
+        if self.stage2 is not None:
+            for phase in type(self.stage2).phases(cfg.stage2.params, train):
+                phase.params = self.stage2.trainable
+                self._phases.append(phase)
+        self.model: nn.Module | None = None
+
+    # --- model and phases --------------------------------------------------------------------
+    def build_model(self, build_body):
+        self.model = self.arch.build_model(build_body)
+        self.init_bias(self.model, self.loss_fn)
+        return self.model
+
+    def init_bias(self, model, loss) -> None:
+        value = loss.bias_init(self.ctx.num_classes)
+        bias = getattr(model.classifier, "bias", None)
+        if value is not None and bias is not None:
+            nn.init.constant_(bias, value)
+
+    def phases(self):
+        return self._phases
+
+    def _first(self, phase: Phase) -> bool:
+        return phase is self._phases[0]
+
+    def _loss_of(self, phase):
+        return self.loss_fn if self._first(phase) else getattr(self.stage2, "loss_fn", None)
+
+    def no_decay(self, phase):
+        loss = self._loss_of(phase)
+        bias = getattr(self.model.classifier, "bias", None)
+        return {bias} if loss is not None and not loss.decay_bias and bias is not None else set()
+
+    def on_phase_start(self, phase, phase_index, resumed):
+        if not self._first(phase):
+            self.stage2.on_start(self.model, resumed)
+
+    # --- one epoch ---------------------------------------------------------------------------
+    def samplers(self, phase, epoch):
+        total = phase.optim.epochs
+        if not self._first(phase):
+            return self.stage2.samplers(epoch, total)
+        first = scheduled_sampler(self.cfg.sampler, self.ctx.index, epoch, total)
+        return self.arch.samplers(first, epoch, total)
+
+    def start_epoch(self, phase, epoch, steps, rng):
+        if not self._first(phase):
+            return self.stage2.start_epoch(epoch, steps, rng)
+        total = phase.optim.epochs
+        self.arch.start_epoch(epoch, total, steps, rng)
+        until = resolve_epoch(self.cfg.mixup.until, total) if self.mixer else None
+        self.mixing = self.mixer is not None and (until is None or epoch < until)
+        if self.mixing:
+            self.mixer.start_epoch(steps, rng)
+        start = resolve_epoch(self.cfg.weights.start, total) if self.weights is not None else None
+        self.epoch_weights = self.weights if start is not None and epoch >= start else None
+
+    def loss(self, model, batches, phase, epoch, step):
+        if not self._first(phase):
+            return self.stage2.loss(model, batches, epoch, step)
+        if self.mixing:
+            b = batches[0]
+            x, targets = self.mixer.mix(b.x, b.y, step, self.ctx.generator)
+            logits = model(x)
+        else:
+            logits, targets = self.arch.forward(model, batches, step)
+        normalize = self.cfg.weights.normalize if self.cfg.weights is not None else "batch"
+        return objective(self.loss_fn, logits, targets, self.epoch_weights, normalize)
+
+    def after_step(self, phase):
+        if not self._first(phase):
+            self.stage2.after_step()
+
+    def end_epoch(self, phase):
+        if not self._first(phase):
+            self.stage2.end_epoch()
+
+    def logits(self, model, x):
+        z = self.stage2.logits(model, x) if self.stage2 is not None else model(x)
+        if self.cfg.posthoc is not None:
+            z = adjust_logits(z.float(), self.log_priors, self.cfg.posthoc.logit_adjust)
+        return z
+
+    def epoch_metrics(self, phase, epoch):
+        return self.arch.epoch_metrics() if self._first(phase) else {}
+
+    # --- state kept across checkpoint/resume --------------------------------------------------
+    def state_dict(self):
+        return {"stage2": self.stage2.state_dict() if self.stage2 is not None else {}}
+
+    def load_state_dict(self, state):
+        if self.stage2 is not None:
+            self.stage2.load_state_dict(state.get("stage2", {}))
+
+
+def reported_metrics() -> set[str]:
+    """Per-epoch values the registered parts report beyond the trainer's (e.g. BBN's α)."""
+    return {m for reg in REGISTRIES.values() for cls in reg.parts.values() for m in cls.metrics}

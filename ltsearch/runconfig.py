@@ -1,0 +1,64 @@
+"""A whole run's config, method-aware: the schema (:mod:`ltsearch.config`) and the recipes
+(:mod:`ltsearch.recipes`) meet here, one layer above both.
+
+The method's preset may carry its paper's training recipe (a fill under the train keys given),
+and ``method.train`` overrides the train section for that method; the result is checked once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ltsearch.config import (TOP_KEYS, Config, ConfigError, DataConfig, ModelConfig, _coerce,
+                             from_dict, load_train, read_yaml)
+from ltsearch.recipes import check_recipe, load_recipe, scale_recipe
+
+
+def config_from_dict(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"a config must be a mapping, got {type(data).__name__}")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(str(unknown[0]), f"unknown key (known keys: {', '.join(TOP_KEYS)})")
+    recipe = load_recipe(data.get("method"))
+    try:
+        train = load_train(data.get("train"), fill=recipe.train_fill, overrides=recipe.train)
+    except ConfigError as e:  # a key that came from method.train is named there
+        name = e.key.split(".")[1] if e.key.count(".") else ""
+        if name and name in recipe.train:
+            raise ConfigError(f"method.train.{name}", e.message) from None
+        raise
+    cfg = Config(seed=_coerce(data.get("seed", 0), int, "seed"),
+                 data=from_dict(DataConfig, data.get("data"), "data"),
+                 model=from_dict(ModelConfig, data.get("model"), "model"),
+                 train=train, method=recipe)
+    check_recipe(cfg.method, cfg.train)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    return config_from_dict(read_yaml(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """The same run over ``epochs``: milestones and absolute epoch-valued method knobs scale with
+    it, warm-up is kept (capped), and the result goes through validation again."""
+    ratio = epochs / cfg.train.epochs
+    d = cfg.to_dict()
+    d["train"].update(epochs=epochs, warmup_epochs=min(cfg.train.warmup_epochs, epochs),
+                      milestones=sorted({max(1, round(m * ratio)) for m in cfg.train.milestones}))
+    d["method"] = scale_recipe(cfg.method, ratio)
+    overrides = d["method"].get("train", {})
+    for key in ("epochs", "warmup_epochs", "milestones"):
+        if key in overrides:
+            overrides[key] = d["train"][key]
+    return config_from_dict(d)
+

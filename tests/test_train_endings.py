@@ -1,0 +1,90 @@
+"""`ltsearch train` on bad input: one message naming the key or file, exit status 2, nothing
+half-written (issue: every ending is clean)."""
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from ltsearch.cli import main
+from ltsearch.config import ConfigError
+
+CFG = {"data": {"source": "digits", "augment": {"crop_pad": 0, "hflip": False}},
+       "train": {"preset": "none", "epochs": 1, "batch_size": 64, "lr": 0.02, "warmup_epochs": 0,
+                 "schedule": "cosine", "device": "cpu"}}
+
+
+def _write(tmp_path, cfg=CFG, text=None):
+    path = tmp_path / "c.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(cfg))
+    return path
+
+
+def _fails(capsys, argv, key):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {key}"), err
+    return err[0]
+
+
+def test_config_error_survives_pickling():
+    """A trial's ConfigError crossed Ray as `TypeError: ConfigError.__init__() missing 1
+    required positional argument`; the real message was lost."""
+    e = pickle.loads(pickle.dumps(ConfigError("method.weights.start", "must be below 4")))
+    assert isinstance(e, ConfigError) and e.key == "method.weights.start"
+    assert str(e) == "method.weights.start: must be below 4"
+
+
+@pytest.mark.parametrize("device,text", [("banana", "not a device"),
+                                         ("cuda", "CUDA is not available"),
+                                         ("mps", "not supported")])
+def test_unavailable_device(tmp_path, capsys, device, text):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "o"
+    msg = _fails(capsys, ["train", str(_write(tmp_path)), "--out", str(out), "--device", device],
+                 "train.device")
+    assert text in msg and not out.exists()
+
+
+def test_out_is_a_file_or_unwritable(tmp_path, capsys):
+    path = _write(tmp_path)
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert "is a file" in _fails(capsys, ["train", str(path), "--out", str(target)], "--out")
+    assert "cannot write" in _fails(capsys, ["train", str(path), "--out", "/proc/ltsearch-out"],
+                                    "--out")
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_epochs_below_one(tmp_path, capsys, epochs):
+    out = tmp_path / "o"
+    _fails(capsys, ["train", str(_write(tmp_path)), "--out", str(out), "--epochs", epochs],
+           "--epochs")
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    msg = _fails(capsys, ["train", str(_write(tmp_path)), "--out", str(out), "--resume"], "--resume")
+    assert "checkpoint.pt" in msg
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # nothing written
+
+
+def test_non_finite_values_and_duplicate_keys(tmp_path, capsys):
+    text = yaml.safe_dump(CFG).replace("lr: 0.02", "lr: .inf")
+    msg = _fails(capsys, ["train", str(_write(tmp_path, text=text))], "train.lr")
+    assert "finite" in msg
+    text = yaml.safe_dump(CFG).replace("lr: 0.02", "lr: 0.02\n  lr: 0.5")
+    path = _write(tmp_path, text=text)
+    msg = _fails(capsys, ["train", str(path)], str(path))
+    assert "duplicate key 'lr'" in msg
+
+
+def test_data_error_writes_nothing(tmp_path, capsys):
+    cfg = {**CFG, "data": {"source": "imagefolder", "root": str(tmp_path / "none")}}
+    out = tmp_path / "o"
+    assert main(["train", str(_write(tmp_path, cfg)), "--out", str(out)]) == 2
+    assert "data folder not found" in capsys.readouterr().err and not out.exists()
