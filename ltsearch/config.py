@@ -10,6 +10,7 @@ imports nothing from the recipes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -123,6 +124,12 @@ def _check_bounds(value, meta, key):
         raise ConfigError(key, f"must be < {meta['lt']}, got {value!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def type_hints(cls) -> dict:
+    """A dataclass's resolved field types (resolving string annotations is slow: once each)."""
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls, data: Any, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping, checking keys, types and bounds.
 
@@ -136,7 +143,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:

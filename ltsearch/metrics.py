@@ -11,6 +11,9 @@ import math
 import torch
 
 
+SCALARS = ("top1", "balanced_acc", "many", "medium", "few")  # reported as val/… and test/…
+
+
 def shot_groups(counts, many: int = 100, few: int = 20) -> dict[str, list[int]]:
     return {
         "many": [c for c, n in enumerate(counts) if n > many],

@@ -8,14 +8,13 @@ every combination that cannot work, naming the key, before anything trains.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch.nn as nn
 
 from ltsearch.config import (ConfigError, EpochAt, TrainConfig, check_epoch_at, from_dict,
-                             resolve_epoch, scale_epoch)
+                             resolve_epoch, scale_epoch, type_hints)
 from ltsearch.recipes.losses.logit_adjust import log_priors
 from ltsearch.recipes.mixup import Mixer, MixupConfig
 from ltsearch.recipes.posthoc import PosthocConfig, adjust_logits
@@ -157,7 +156,7 @@ def _epoch_fields(obj) -> list[tuple[str, EpochAt]]:
     if obj is None:
         return []
     params = obj.params if isinstance(obj, PartConfig) else obj
-    hints = typing.get_type_hints(type(params))
+    hints = type_hints(type(params))
     return [(f.name, getattr(params, f.name)) for f in dataclasses.fields(params)
             if hints[f.name] == EpochAt]
 

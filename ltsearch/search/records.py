@@ -1,7 +1,8 @@
 """The search folder's own record of its trials (``trials.json``), kept by the driver.
 
-Export, the leaderboard and ``best_config.yaml`` read it, so they need neither Ray nor MLflow,
-and it survives a killed driver: it is rewritten atomically after every result.
+Export, the leaderboard and ``best_config.yaml`` read it, so they need neither Ray nor MLflow
+(this module imports neither), and it survives a killed driver: it is rewritten atomically after
+every result. :class:`ltsearch.search.callbacks.RecordsCallback` keeps it current.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from ray.tune import Callback
+
+from ltsearch.metrics import SCALARS
 
 TRIALS_FILE = "trials.json"
-SCALAR_METRICS = ("val/top1", "val/balanced_acc", "val/many", "val/medium", "val/few",
-                  "test/top1", "test/balanced_acc", "test/many", "test/medium", "test/few",
-                  "train/loss")
+SCALAR_METRICS = (*(f"val/{m}" for m in SCALARS), *(f"test/{m}" for m in SCALARS), "train/loss")
 
 
 def finished_status(result: Optional[dict]) -> str:
@@ -114,36 +114,6 @@ def format_leaderboard(rows: list[dict], metric: str) -> str:
 
 def write_config(config: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-class RecordsCallback(Callback):
-    """Keeps ``trials.json`` current from the driver."""
-
-    def __init__(self, folder: Path, space):
-        self.folder = Path(folder)
-        self.space = space
-
-    def _records(self) -> TrialRecords:
-        return TrialRecords(self.folder)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        cfg = self.space.trial_config(trial.config)
-        rec = self._records()
-        old = rec.trials.get(trial.trial_id, {})
-        rec.update(trial.trial_id, method=self.space.label(cfg), config=cfg, status="RUNNING",
-                   epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
-                   metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._records().update(trial.trial_id, epochs=result.get("epoch"),
-                               total_epochs=result.get("total_epochs"), metrics=scalars(result),
-                               node_id=result.get("node_id"))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._records().update(trial.trial_id, status=finished_status(trial.last_result))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._records().update(trial.trial_id, status="FAILED", error=error_text(trial))
 
 
 def error_text(trial) -> Optional[str]:

@@ -95,10 +95,10 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from ltsearch import tracking
+    from ltsearch.search import tracking
     from ltsearch.data import build_data
-    from ltsearch.search.records import (RecordsCallback, TrialRecords, format_leaderboard,
-                                         write_config)
+    from ltsearch.search.callbacks import RecordsCallback
+    from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
     from ltsearch.search.trial import run_trial
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -115,13 +115,14 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if not resume and (ray_dir / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
+    uri = tracking_uri or tracking.default_tracking_uri()
+    tracking.check_reachable(uri)
     base = config_from_dict(space.base)
     data = build_data(base.data)  # once, on the driver
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "search.yaml").write_text(_dump(space.source))
 
     settings = space.settings
-    uri = tracking_uri or tracking.default_tracking_uri()
     exp_id = tracking.experiment_id(uri, settings.experiment or "ltsearch")
     parent = tracking.start_parent_run(uri, exp_id, folder, name, {
         "search.metric": settings.metric, "search.mode": settings.mode,

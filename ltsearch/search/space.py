@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ltsearch.config import ConfigError, from_dict, read_yaml, spec
+from ltsearch.metrics import SCALARS
 from ltsearch.recipes import PRESETS
 from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES
 from ltsearch.runconfig import config_from_dict
@@ -126,8 +127,10 @@ class SearchSettings:
     cover_methods: bool = spec(True, doc="the first trials try each method once, then TPE")
 
     def check(self):
-        if not (self.metric.startswith("val/") or self.metric.startswith("train/")):
-            raise ConfigError("metric", f"must be a val/… or train/… metric, got {self.metric!r}")
+        known = [f"val/{m}" for m in SCALARS] + ["train/loss"]
+        if self.metric not in known:  # Tune would fail mid-search on a metric never reported
+            raise ConfigError("metric", f"{self.metric!r} is not a metric trials report for "
+                                        f"selection (one of: {', '.join(known)})")
 
 
 @dataclass
@@ -234,12 +237,12 @@ def _assignments(dists: dict[str, Dist], varied: dict[str, Dist], limit: int = 2
     return out
 
 
-def _assignment_for(dists: dict[str, Dist], param: str, value) -> dict:
-    """Every parameter that exists at its first value, ``param`` at ``value``, with the
-    conditions ``param`` needs made to hold."""
+def _assignment_for(dists: dict[str, Dist], fixed: dict) -> Optional[dict]:
+    """Every parameter that exists at its first value, those in ``fixed`` at theirs, with the
+    conditions they need made to hold; None when ``fixed`` cannot all exist at once."""
     needed: dict = {}
-    chain = [param]
-    while chain:  # the conditions of param, of those conditions, …
+    chain = list(fixed)
+    while chain:  # the conditions of the fixed parameters, of those conditions, …
         for cond, vals in dists[chain.pop()].when.items():
             if cond not in needed:
                 needed[cond] = vals
@@ -247,14 +250,48 @@ def _assignment_for(dists: dict[str, Dist], param: str, value) -> dict:
     values: dict = {}
     for name, dist in dists.items():
         if not _active(dist, values):
+            if name in fixed:
+                return None
             continue
-        if name == param:
-            values[name] = value
+        if name in fixed:
+            if name in needed and fixed[name] not in needed[name]:
+                return None
+            values[name] = fixed[name]
             continue
         options = dist.extremes()
         allowed = [v for v in options if v in needed[name]] if name in needed else options
         values[name] = (allowed or options)[0]
     return values
+
+
+def _check_combinations(base: dict, knobs: dict[str, Dist], preset: str,
+                        dists: dict[str, Dist]) -> None:
+    """Each value at the ends of every range (and every choice), alone and paired with every
+    other parameter's: a space whose values can combine into an invalid trial (``train.epochs``
+    and an absolute ``weights.start`` both searched) is refused before anything runs."""
+    params = [(f"space.{k}", k, d, True) for k, d in knobs.items()]
+    params += [(f"space.method.{preset}.{p}", p, d, False) for p, d in dists.items()]
+    for i, first in enumerate(params):
+        for second in [None, *params[i + 1:]]:
+            for a in first[2].extremes():
+                for b in (second[2].extremes() if second else [None]):
+                    fixed = [(first, a)] + ([(second, b)] if second else [])
+                    cfg = copy.deepcopy(base)
+                    for key, dist in knobs.items():
+                        value = next((v for (_, k, _, g), v in fixed if g and k == key),
+                                     dist.extremes()[0])
+                        section, name = key.split(".", 1)
+                        cfg = _with(cfg, section, name, value)
+                    values = _assignment_for(dists, {k: v for (_, k, _, g), v in fixed if not g})
+                    if values is None:
+                        continue
+                    cfg["method"] = method_dict(preset, values)
+                    try:
+                        config_from_dict(cfg)
+                    except ConfigError as e:
+                        key, value = fixed[-1][0][0], fixed[-1][1]
+                        given = f" with {fixed[0][0][0]} = {fixed[0][1]!r}" if second else ""
+                        raise ConfigError(key, f"value {value!r}{given}: {e.message}") from None
 
 
 def _with(base: dict, section: str, name: str, value) -> dict:
@@ -302,11 +339,7 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
             dist = parse_dist(value, key)
             if dist.when:
                 raise ConfigError(f"{key}.when", "only method parameters can be conditional")
-            for v in dist.extremes():
-                try:
-                    config_from_dict(_with(base, section, name, v))
-                except ConfigError as e:
-                    raise _rekey(e, key, v) from None
+            _with(base, section, name, None)  # the base section must be a mapping
             knobs[f"{section}.{name}"] = dist
 
     method_space = space.get("method")
@@ -322,13 +355,7 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
         if name not in PRESETS:
             raise ConfigError(mkey, f"unknown method {name!r} (known: {', '.join(sorted(PRESETS))})")
         dists = _parse_method_space(name, _flatten_params(params or {}, mkey), mkey)
-        for param, dist in dists.items():
-            for v in dist.extremes():
-                values = _assignment_for(dists, param, v)
-                try:
-                    config_from_dict({**base, "method": method_dict(name, values)})
-                except ConfigError as e:
-                    raise _rekey(e, f"{mkey}.{param}", v) from None
+        _check_combinations(base, knobs, name, dists)
         _check_ranges(name, dists, mkey)
         methods[name] = dists
     return SearchSpace(base, settings, knobs, methods, data)

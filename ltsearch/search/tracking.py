@@ -6,6 +6,8 @@ trials end FINISHED, trials the scheduler stopped end KILLED, trials that raised
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -17,6 +19,7 @@ from typing import Optional
 import yaml
 from ray.tune import Callback
 
+from ltsearch.config import ConfigError
 from ltsearch.recipes import reported_metrics
 from ltsearch.search.records import error_text, finished_status, flatten
 
@@ -35,6 +38,30 @@ def prepare_environment() -> None:
                     "experiment by name (search.experiment)")
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before Ray starts, when the tracking store cannot be reached: MLflow's client
+    would retry an absent server for minutes and then print a traceback."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+                if r.status == 200:
+                    return
+                reason = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = str(getattr(e, "reason", e))
+        raise ConfigError("--tracking-uri", f"no MLflow server answers at {uri} ({reason}); "
+                                            "start it or pass another --tracking-uri")
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise ConfigError("--tracking-uri", f"{uri}: the folder {folder} does not exist")
+
+
 def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
@@ -45,17 +72,44 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Processes opening one sqlite store take turns: two first opens of a fresh ``mlflow.db``
+    would both run MLflow's schema migrations and can corrupt it for good."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def experiment_id(uri: str, name: str) -> str:
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    """The experiment called ``name`` (created, or restored if deleted); the first touch of the
+    store, so it runs under the store's lock."""
+    from mlflow.exceptions import MlflowException
+
+    with _store_lock(uri):
+        client = _client(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another search on a server created it a moment ago
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
 
 def start_parent_run(uri: str, exp_id: str, search_dir: Path, name: str, params: dict) -> str:

@@ -1,0 +1,101 @@
+"""`ltsearch search` endings that must not leave a search stuck: bad input refused before Ray
+starts or any run is created, an unreachable tracking server, concurrent first opens of one
+MLflow store."""
+import copy
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import tiny_search
+from ltsearch.cli import main
+from ltsearch.config import ConfigError
+from ltsearch.search.space import parse_search_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_values_that_combine_into_an_invalid_trial_are_refused_up_front():
+    """`train.epochs` and an absolute `weights.start` both searched: each end is valid alone,
+    start 5 of 3 epochs is not. It used to surface as failing trials mid-search."""
+    data = tiny_search(train={"epochs": {"choice": [6, 3]}},
+                       method={"two_stage": {"weights.start": {"int": [2, 5]}}})
+    with pytest.raises(ConfigError) as e:
+        parse_search_file(copy.deepcopy(data))
+    assert e.value.key == "space.method.two_stage.weights.start"
+    assert "value 5 with space.train.epochs = 3" in str(e.value) and "below train.epochs" in str(e.value)
+    data["space"]["method"]["two_stage"]["weights.start"] = {"uniform": [0.5, 0.9]}  # fractions fit
+    assert parse_search_file(data).methods["two_stage"]
+
+
+def test_a_choice_against_a_range_is_checked_whatever_the_space_size():
+    """τs as a choice against a τg range was caught only after Ray and MLflow had started;
+    large spaces were checked at only 256 corner combinations."""
+    many = {f"stage2.{k}": {"choice": list(range(1, 9))} for k in ("k", "aug_per_tail")}
+    data = tiny_search(method={"feature_aug": {**many,
+                                               "stage2.epochs": {"choice": list(range(1, 9))},
+                                               "stage2.tau_s": {"choice": [0.5, 0.8]},
+                                               "stage2.tau_g": {"uniform": [0.1, 0.6]}}})
+    with pytest.raises(ConfigError) as e:
+        parse_search_file(data)
+    assert e.value.key.startswith("space.method.feature_aug.stage2.tau_")
+    assert "tau_s" in str(e.value)
+
+
+def test_a_metric_no_trial_reports_is_refused(tmp_path, capsys):
+    data = tiny_search(method={"ce": {}})
+    data["search"]["metric"] = "val/balanced_accuracy"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path), "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search.metric" in err[0] and "val/balanced_acc" in err[0]
+    assert not (tmp_path / "s").exists()
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    start = time.monotonic()
+    code = main(["search", str(path), "--storage", str(tmp_path / "s"),
+                 "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+    assert code == 2 and time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --tracking-uri: no MLflow server answers")
+    assert not (tmp_path / "s").exists()  # before Ray, before any folder
+
+
+OPEN_STORE = """
+import sys
+from ltsearch.search.tracking import experiment_id
+print(experiment_id(sys.argv[1], "ltsearch"))
+"""
+
+
+def test_two_searches_creating_one_fresh_store_at_once(tmp_path):
+    """Two first opens of a fresh mlflow.db at the same moment crashed one in three pairs and
+    could corrupt the store for good ("table _alembic_tmp_tags already exists")."""
+    for i in range(3):
+        uri = f"sqlite:///{tmp_path / f'mlflow{i}.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        assert outs[0][0].strip() == outs[1][0].strip()  # one experiment, found by both
+        again = subprocess.run([sys.executable, "-c", OPEN_STORE, uri], capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 0 and again.stdout.strip() == outs[0][0].strip()
+
+
+def test_reading_a_finished_search_needs_neither_ray_nor_mlflow():
+    code = ("import sys, ltsearch.search.export, ltsearch.search.records; "
+            "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
