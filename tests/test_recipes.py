@@ -323,6 +323,20 @@ def test_presets_work_at_any_length():
         assert resolve_epoch(cfg.method.weights.start, epochs) == round(0.8 * epochs)
 
 
+def test_normed_classifier_against_official_code():
+    """LDAM-DRW's NormedLinear: cosine logits, unit-norm class vectors at initialisation."""
+    from ltsearch.models import NormedLinear
+
+    torch.manual_seed(0)
+    layer = NormedLinear(8, 5)
+    torch.testing.assert_close(layer.weight.norm(dim=1), torch.ones(5))
+    x = torch.randn(3, 8)
+    official_weight = layer.weight.detach().T  # (in, out), columns normalised in forward
+    expected = F.normalize(x, dim=1).mm(F.normalize(official_weight, dim=0))
+    torch.testing.assert_close(layer(x), expected)
+    assert config_from_dict({"method": "ldam_drw"}).method.arch.params.classifier == "normed"
+
+
 def test_every_preset_expands_and_names_itself():
     for name in PRESETS:
         cfg = config_from_dict({"method": {"name": name}})

@@ -166,3 +166,53 @@ def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
     finally:
         for p in reversed(procs):
             _stop(p)
+
+
+def test_ctrl_c_then_resume(tmp_path):
+    """Ctrl-C used to exit 0 with the parent run FINISHED, the running Optuna trials FAIL and
+    trials.json RUNNING; after --resume TPE never learned those trials' results."""
+    data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
+    data["base"]["train"]["epochs"] = 4
+    data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
+           "--name", "i", "--tracking-uri", uri]
+    folder = tmp_path / "searches" / "i"
+    driver = _start(cmd, tmp_path / "first.log")
+    try:
+        _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
+              and any(r["status"] == "RUNNING" and r["epochs"] >= 1 for r in _trials(folder).values()),
+              300, "a finished trial and a running one")
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        driver.wait(120)
+    finally:
+        _stop(driver)
+    log = (tmp_path / "first.log").read_text()
+    assert driver.returncode == 130, log[-3000:]
+    assert "interrupted — continue with `ltsearch search" in log and "--resume" in log
+    records = _trials(folder)
+    statuses = [r["status"] for r in records.values()]
+    assert "INTERRUPTED" in statuses and not set(statuses) - {"COMPLETED", "INTERRUPTED"}
+    study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ltsearch").experiment_id
+    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = _trials(folder)
+    assert len(after) == 3 and all(r["status"] == "COMPLETED" for r in after.values())
+    study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 3
+    # every trial's final value reached TPE, the interrupted one's too
+    assert sorted(t.value for t in study.trials) == pytest.approx(
+        sorted(r["metrics"]["val/balanced_acc"] for r in after.values()))
+    runs = [r for r in client.search_runs([exp]) if r.data.tags.get("ltsearch.kind") == "trial"]
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/balanced_acc")]
+        assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once

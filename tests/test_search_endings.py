@@ -82,7 +82,7 @@ print(experiment_id(sys.argv[1], "ltsearch"))
 def test_two_searches_creating_one_fresh_store_at_once(tmp_path):
     """Two first opens of a fresh mlflow.db at the same moment crashed one in three pairs and
     could corrupt the store for good ("table _alembic_tmp_tags already exists")."""
-    for i in range(3):
+    for i in range(2):  # without the lock every pair failed here
         uri = f"sqlite:///{tmp_path / f'mlflow{i}.db'}"
         procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]

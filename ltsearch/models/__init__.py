@@ -47,7 +47,11 @@ class NormedLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.uniform_(self.weight, -1.0, 1.0)
+        """Uniform(−1, 1), each class vector then scaled to norm 1 (the official
+        ``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)``)."""
+        with torch.no_grad():
+            nn.init.uniform_(self.weight, -1.0, 1.0)
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T

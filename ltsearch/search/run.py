@@ -1,8 +1,10 @@
 """``ltsearch search``: Ray Tune + Optuna (define-by-run TPE) + ASHA, tracked in MLflow.
 
-Order of work: validate the search file and load + long-tail the data on the driver (bad input
-exits 2 before any Ray worker starts), start or join Ray, put the data in the object store once,
-run the Tuner, then write the leaderboard and ``best_config.yaml``.
+Stages, each a function: check everything (the search file when read; then the folder, the
+tracking store and the data, writing nothing — bad input exits 2 before Ray starts), prepare the
+folder and the MLflow runs, execute (Ray Tune with Optuna and ASHA, the data in the object store
+once), and finish — always, after an interrupt or an error too — closing every record in
+agreement and writing the leaderboard and ``best_config.yaml``.
 """
 from __future__ import annotations
 
@@ -10,8 +12,7 @@ import logging
 import os
 import re
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,39 @@ class SearchOutcome:
     leaderboard: str
     parent_run_id: str
     tracking_uri: str
+    ending: str = "finished"  # finished | interrupted | failed
+
+
+class SearchStopped(Exception):
+    """The search ended before its last trial (Ctrl-C, or an error in the driver); everything
+    recorded is closed and ``--resume`` continues it."""
+
+    def __init__(self, outcome: SearchOutcome, cause: Optional[BaseException] = None):
+        self.outcome = outcome
+        self.cause = cause
+        super().__init__(outcome.ending)
+
+
+@dataclass
+class Search:
+    """A checked search, ready to run: what every stage needs."""
+    space: object
+    name: str
+    folder: Path
+    resume: bool
+    data: object
+    uri: str
+    exp_id: str = ""
+    parent: str = ""
+    tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.folder / RAY_SUBDIR
+
+    @property
+    def study_uri(self) -> str:
+        return f"sqlite:///{self.folder / 'optuna.db'}"
 
 
 def _first_points(space) -> list[dict] | None:
@@ -89,17 +123,30 @@ def search_name(path: str | Path) -> str:
 def run_search(space, *, name: str, storage: str | Path = "searches", address: Optional[str] = None,
                tracking_uri: Optional[str] = None, resume: bool = False,
                verbose: int = 1) -> SearchOutcome:
-    import optuna
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    """Check everything, prepare the folder and tracking, run, and always finish: whatever the
+    ending, trials.json, the Optuna study and MLflow agree and nothing stays RUNNING. Raises
+    :class:`SearchStopped` after an interrupt or a driver error (the search is resumable)."""
+    search = check_search(space, name, storage, tracking_uri, resume)
+    prepare_search(search)
+    ending, cause = "failed", None
+    try:
+        ending = execute_search(search, address, verbose)
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before Tune's handler is set
+        ending, cause = "interrupted", e
+    except Exception as e:
+        ending, cause = "failed", e
+    finally:
+        outcome = finish_search(search, ending, cause)
+    if ending != "finished":
+        raise SearchStopped(outcome, cause)
+    return outcome
 
-    from ltsearch.search import tracking
+
+def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
+    """Every check that needs no run: the folder, the tracking store, the data (the search file
+    itself was checked when it was read). Writes nothing."""
     from ltsearch.data import build_data
-    from ltsearch.search.callbacks import RecordsCallback
-    from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
-    from ltsearch.search.trial import run_trial
+    from ltsearch.search import tracking
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -109,48 +156,68 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
     # in ``folder/ray``, which Tune syncs from its own staging copy (it would overwrite ours).
     folder = (Path(storage) / name).resolve()
-    ray_dir = folder / RAY_SUBDIR
-    if resume and not (ray_dir / "tuner.pkl").is_file():
+    if resume and not (folder / RAY_SUBDIR / "tuner.pkl").is_file():
         raise ConfigError("--resume", f"no search to resume at {folder}")
-    if not resume and (ray_dir / "tuner.pkl").exists():
+    if not resume and (folder / RAY_SUBDIR / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
     uri = tracking_uri or tracking.default_tracking_uri()
     tracking.check_reachable(uri)
-    base = config_from_dict(space.base)
-    data = build_data(base.data)  # once, on the driver
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "search.yaml").write_text(_dump(space.source))
+    data = build_data(config_from_dict(space.base).data)  # once, on the driver
+    return Search(space, name, folder, resume, data, uri)
 
-    settings = space.settings
-    exp_id = tracking.experiment_id(uri, settings.experiment or "ltsearch")
-    parent = tracking.start_parent_run(uri, exp_id, folder, name, {
+
+def prepare_search(search: Search) -> None:
+    """The search folder, the MLflow experiment and the parent run (reopened on resume)."""
+    from ltsearch.search import tracking
+
+    search.folder.mkdir(parents=True, exist_ok=True)
+    (search.folder / "search.yaml").write_text(_dump(search.space.source))
+    settings = search.space.settings
+    search.exp_id = tracking.experiment_id(search.uri, settings.experiment or "ltsearch")
+    search.parent = tracking.start_parent_run(search.uri, search.exp_id, search.folder, search.name, {
         "search.metric": settings.metric, "search.mode": settings.mode,
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
         "search.max_concurrent": settings.max_concurrent,
-        "search.methods": ",".join(space.methods), "data": data.summary()})
+        "search.methods": ",".join(search.space.methods), "data": search.data.summary()})
 
+
+def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
+    """Start or join Ray, run the Tuner; "finished" or "interrupted"."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from ltsearch.search import tracking
+    from ltsearch.search.callbacks import RecordsCallback
+    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.trial import run_trial
+
+    space, settings = search.space, search.space.settings
     if not ray.is_initialized():
         # "local" starts a fresh instance: without it Ray would join whatever cluster
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, space=space),
+        tune.with_parameters(run_trial, data=search.data, space=space),
         {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
-    callbacks = [RecordsCallback(folder, space),
-                 tracking.MLflowTracker(uri, exp_id, parent, space, data.classes, data.counts)]
-
-    if resume:
-        tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_unfinished=True,
+    callbacks = [RecordsCallback(search.folder, space),
+                 tracking.MLflowTracker(search.uri, search.exp_id, search.parent, space,
+                                        search.data.classes, search.data.counts)]
+    if search.resume:
+        _resume_interrupted_trials(search)
+        tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         tuner._local_tuner._run_config.callbacks = callbacks  # the pickled ones are stale
     else:
-        storage_db = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+        storage_db = optuna.storages.RDBStorage(search.study_uri)
         searcher = _prune_aware_optuna()(
             space=space.define, metric=settings.metric, mode=settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
-            storage=storage_db, study_name=name, points_to_evaluate=_first_points(space))
+            storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))
         max_t = space.max_epochs()
         if settings.asha.enabled:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t,
@@ -165,39 +232,99 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
                 scheduler=scheduler, reuse_actors=False),
             run_config=tune.RunConfig(
-                name=RAY_SUBDIR, storage_path=str(folder), callbacks=callbacks, verbose=verbose,
+                name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks,
+                verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
-    started = time.time()
     grid = tuner.fit()
+    search.tune_trial_ids = {r.metrics.get("trial_id") for r in grid if r.metrics}
+    # Tune returns normally after Ctrl-C (its handler saves the state): an interrupted search
+    # has trials it knows still RUNNING in the records, or fewer trials than asked for.
+    records = TrialRecords(search.folder)
+    unfinished = [k for k, r in records.trials.items()
+                  if r["status"] == "RUNNING" and k in search.tune_trial_ids]
+    return "interrupted" if unfinished or len(grid) < settings.num_samples else "finished"
 
-    # A driver killed between Tune's snapshots leaves trials Tune never recorded: close them.
-    known = {r.metrics.get("trial_id") for r in grid if r.metrics}
-    records = TrialRecords(folder)
-    for trial_id, r in records.trials.items():
-        if r["status"] == "RUNNING" and trial_id not in known:
-            records.update(trial_id, status="LOST", error="the driver stopped before Ray recorded "
-                                                          "this trial; it was not resumed")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}")
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+def _study(search: Search):
+    import optuna
+
+    return optuna.load_study(study_name=search.name, storage=search.study_uri)
+
+
+def _set_optuna_state(search: Search, numbers: list[int], state) -> None:
+    """Move Optuna trials to ``state`` through the storage's public API (``tell`` only
+    finishes trials; an interrupted trial must stay resumable)."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(search.study_uri)
+    study_id = storage.get_study_id_from_name(search.name)
+    for number in numbers:
+        storage.set_trial_state_values(
+            storage.get_trial_id_from_study_id_trial_number(study_id, number), state)
+
+
+def _resume_interrupted_trials(search: Search) -> None:
+    """Trials an interrupt parked as WAITING (sampled, not finished) run again: RUNNING, so
+    Tune's restored searcher reports to them and TPE learns their results. Enqueued first
+    points are WAITING too, but have no sampled values yet."""
+    import optuna
+
+    parked = [t.number for t in _study(search).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if t.params]
+    _set_optuna_state(search, parked, optuna.trial.TrialState.RUNNING)
+
+
+def finish_search(search: Search, ending: str, cause: Optional[BaseException] = None) -> SearchOutcome:
+    """Always runs. Finished: trials Tune never recorded (a driver killed between snapshots) are
+    LOST and their Optuna trials FAIL. Interrupted or failed: running trials are INTERRUPTED
+    in trials.json and WAITING in Optuna (``--resume`` continues them), their MLflow runs
+    KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished."""
+    import optuna
+
+    from ltsearch.search import tracking
+    from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
+
+    settings = search.space.settings
+    records = TrialRecords(search.folder)
+    running = [k for k, r in records.trials.items() if r["status"] == "RUNNING"]
+    open_optuna = []
+    if (search.folder / "optuna.db").is_file():
+        open_optuna = [t.number for t in _study(search).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if ending == "finished":
+        for trial_id in running:
+            if trial_id not in search.tune_trial_ids:
+                records.update(trial_id, status="LOST", error="the driver stopped before Ray "
+                                                               "recorded this trial; it was not resumed")
+        study = _study(search) if open_optuna else None
+        for number in open_optuna:
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+    else:
+        for trial_id in running:
+            records.update(trial_id, status="INTERRUPTED")
+        _set_optuna_state(search, open_optuna, optuna.trial.TrialState.WAITING)
 
     rows = records.leaderboard(settings.metric, settings.mode)
     board = format_leaderboard(rows, settings.metric)
-    (folder / "leaderboard.txt").write_text(board + "\n")
-    records.write_csv(folder / "trials.csv")
+    (search.folder / "leaderboard.txt").write_text(board + "\n")
+    records.write_csv(search.folder / "trials.csv")
     ranked = records.ranked(settings.metric, settings.mode)
     best_path = None
     if ranked:
-        best_path = folder / "best_config.yaml"
+        best_path = search.folder / "best_config.yaml"
         write_config(ranked[0]["config"], best_path)
-    else:
+    elif ending == "finished":
         log.warning("no trial ran to the end; best_config.yaml not written")
-    tracking.end_parent_run(uri, parent, [folder / "search.yaml", folder / "leaderboard.txt",
-                                          folder / "trials.csv"] + ([best_path] if best_path else []))
-    log.info("search took %.0f s", time.time() - started)
-    return SearchOutcome(folder, records, best_path, board, parent, uri)
+    status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(ending, "FAILED")
+    artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
+                 search.folder / "trials.csv"] + ([best_path] if best_path else [])
+    try:
+        tracking.end_parent_run(search.uri, search.parent, artifacts, status)
+    except Exception as e:  # a lost tracking server must not hide the search's own ending
+        log.warning("MLflow runs not closed (%s: %s); --resume reopens them", type(e).__name__, e)
+    return SearchOutcome(search.folder, records, best_path, board, search.parent, search.uri, ending)
 
 
 def _dump(data) -> str:
@@ -212,10 +339,27 @@ def main_search(args) -> int:
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
     space = load_search_file(args.space, overrides)
     name = args.name or search_name(args.space)
-    outcome = run_search(space, name=name, storage=args.storage, address=args.address,
-                         tracking_uri=args.tracking_uri, resume=args.resume)
+    try:
+        outcome = run_search(space, name=name, storage=args.storage, address=args.address,
+                             tracking_uri=args.tracking_uri, resume=args.resume)
+    except SearchStopped as stop:
+        _summary(stop.outcome, name, space)
+        resume = f"ltsearch search {args.space} --resume" + (f" --name {args.name}" if args.name else "") + \
+            (f" --storage {args.storage}" if args.storage != "searches" else "")
+        if stop.outcome.ending == "interrupted":
+            print(f"interrupted — continue with `{resume}`", file=sys.stderr)
+            return 130
+        cause = stop.cause
+        print(f"error: the search stopped: {type(cause).__name__}: {cause}\n"
+              f"  everything recorded is closed; fix the cause, then `{resume}`", file=sys.stderr)
+        return 1
+    _summary(outcome, name, space)
+    return 0
+
+
+def _summary(outcome: SearchOutcome, name: str, space) -> None:
     n = len(outcome.records.trials)
-    counts = {}
+    counts: dict[str, int] = {}
     for r in outcome.records.trials.values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print(f"\nsearch {name}: {n} trials ({', '.join(f'{v} {k.lower()}' for k, v in sorted(counts.items()))})")
@@ -224,4 +368,3 @@ def main_search(args) -> int:
         print(f"\nbest config: {outcome.best_config}\n  train it: ltsearch train {outcome.best_config}")
     print(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     sys.stdout.flush()
-    return 0

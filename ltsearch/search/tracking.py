@@ -159,10 +159,11 @@ class MLflowTracker(Callback):
         self.classes = classes
         self.counts = counts
         self.runs: dict[str, str] = {}  # trial id → run id (also found again by tag on resume)
+        self.logged: dict[str, int] = {}  # trial id → last epoch logged
         self.part_metrics = reported_metrics()
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment
-        return {**self.__dict__, "runs": {}}
+        return {**self.__dict__, "runs": {}, "logged": {}}
 
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
@@ -171,9 +172,11 @@ class MLflowTracker(Callback):
         found = client.search_runs(
             [self.exp_id], f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and tags.`{TAG_PARENT}` = '{self.parent}'",
             max_results=1)
-        if found:
+        if found:  # a resumed search: the run reopens, and epochs it holds are not logged twice
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
+            self.logged[trial.trial_id] = max(
+                (m.step for m in client.get_metric_history(run_id, "train/loss")), default=0)
         else:
             cfg = self.space.trial_config(trial.config)
             method = self.space.label(cfg)
@@ -193,6 +196,9 @@ class MLflowTracker(Callback):
 
         run_id = self._run_for(trial)
         step = int(result.get("epoch", 0))
+        if step <= self.logged.get(trial.trial_id, 0):  # re-run from an earlier checkpoint
+            return
+        self.logged[trial.trial_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
