@@ -6,10 +6,9 @@ import json
 import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 
-from ltsearch.config import ConfigError
+from ltsearch.config import ConfigError, writable_folder
 from ltsearch.data import DataError
 
 
@@ -35,25 +34,6 @@ def print_progress(metrics: dict, trainer) -> None:
     print("  ".join(parts), flush=True)
 
 
-def _out_folder(path: Path, flag: str) -> Path:
-    """A folder the command may write: not a file, and writable — tried with a probe file that
-    is removed again, so a check that fails leaves nothing behind (permission bits alone do
-    not tell, for root or on a read-only mount)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(flag, f"{path} is a file, not a folder")
-    created = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise ConfigError(flag, f"cannot write to {path}: {e.strerror or e}") from None
-    finally:
-        for p in created:  # deepest first; made again when there is something to write
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-    return path
-
-
 def cmd_train(args) -> int:
     from ltsearch.data import build_data
     from ltsearch.runconfig import dump_config, load_config, with_epochs
@@ -71,7 +51,7 @@ def cmd_train(args) -> int:
     if args.time_limit is not None and not args.time_limit > 0:
         raise ConfigError("--time-limit", f"must be > 0 minutes, got {args.time_limit}")
     resolve_device(cfg.train.device)
-    out = _out_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")
+    out = writable_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")
     checkpoint = out / "checkpoint.pt"
     data = build_data(cfg.data)
     trainer = Trainer(cfg, data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -385,3 +386,20 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError("", f"{where}: not valid YAML: {problem}") from None
 
 
+def writable_folder(path: Path, flag: str) -> Path:
+    """A folder the command may write: not a file, and writable — tried with a probe file that
+    is removed again, so a check that fails leaves nothing behind (permission bits alone do
+    not tell, for root or on a read-only mount)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(flag, f"{path} is a file, not a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ConfigError(flag, f"cannot write to {path}: {e.strerror or e}") from None
+    finally:
+        for p in created:  # deepest first; made again when there is something to write
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return path

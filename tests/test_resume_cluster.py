@@ -216,3 +216,65 @@ def test_ctrl_c_then_resume(tmp_path):
     for r in runs:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/balanced_acc")]
         assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
+def test_tracking_server_lost_mid_search_then_resume(tmp_path):
+    """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave
+    the parent and child runs, trials.json and the Optuna study RUNNING for good."""
+    port = _free_port()
+    server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    data = tiny_search(method={"ce": {}})
+    data["base"]["train"]["epochs"] = 4
+    data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
+           "--name", "t", "--tracking-uri", uri]
+    folder = tmp_path / "searches" / "t"
+    env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    server = _start(server_cmd, tmp_path / "mlflow1.log")
+    try:
+        _wait(up, 120, "the mlflow server")
+        driver = subprocess.Popen(cmd, stdout=open(tmp_path / "first.log", "w"),
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
+                  and any(r["status"] == "RUNNING" for r in _trials(folder).values()),
+                  300, "a finished trial and a running one")
+            _stop(server, signal.SIGKILL)  # the tracking server is lost
+            driver.wait(300)
+        finally:
+            _stop(driver)
+        log = (tmp_path / "first.log").read_text()
+        assert driver.returncode == 1, log[-3000:]
+        assert "error: the search stopped" in log and "--resume" in log
+        statuses = [r["status"] for r in _trials(folder).values()]
+        assert "RUNNING" not in statuses and "INTERRUPTED" in statuses
+        study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'optuna.db'}")
+        assert optuna.trial.TrialState.RUNNING not in [t.state for t in study.trials]
+
+        server = _start(server_cmd, tmp_path / "mlflow2.log")  # back, on the same store
+        _wait(up, 120, "the mlflow server again")
+        resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                                 timeout=400)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert all(r["status"] == "COMPLETED" for r in _trials(folder).values())
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])
+        assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+        assert sum(r.data.tags.get("ltsearch.kind") == "trial" and r.info.status == "FINISHED"
+                   for r in runs) == 3
+    finally:
+        _stop(server)

@@ -99,3 +99,16 @@ def test_reading_a_finished_search_needs_neither_ray_nor_mlflow():
             "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_storage_that_cannot_be_written(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for storage, text in ((blocker, "is a file"), ("/proc/ltsearch-searches", "cannot write")):
+        assert main(["search", str(path), "--storage", str(storage),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --storage") and text in err[0]
+    assert not (tmp_path / "m.db").exists()  # no MLflow store touched

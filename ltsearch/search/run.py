@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ltsearch.config import ConfigError
+from ltsearch.config import ConfigError, writable_folder
 from ltsearch.runconfig import config_from_dict
 
 log = logging.getLogger(__name__)
@@ -24,45 +24,6 @@ log = logging.getLogger(__name__)
 RAY_SUBDIR = "ray"
 
 
-def _prune_aware_optuna():
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class PruneAwareOptunaSearch(OptunaSearch):
-        """Optuna sees every epoch's value at step = epoch, and trials that ASHA stopped are
-        told as PRUNED with those intermediate values, not COMPLETE with an early value (Ray's
-        default). Tune hands the last result of a trial to ``on_trial_complete`` only, so it is
-        reported there too."""
-
-        def _report(self, trial_id, result):
-            value, epoch = result.get(self.metric), result.get("epoch")
-            steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
-            if value is not None and epoch is not None and epoch not in steps:
-                try:
-                    self._ot_trials[trial_id].report(value, epoch)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    # A resumed search re-runs a trial the study had already closed (the
-                    # driver died between the two snapshots); the study keeps its record.
-                    self._completed_trials.add(trial_id)
-                steps.add(epoch)
-
-        def on_trial_result(self, trial_id, result):
-            if trial_id not in self._completed_trials:
-                self._report(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if trial_id in self._completed_trials or error or not result:
-                return super().on_trial_complete(trial_id, result, error)
-            self._report(trial_id, result)
-            if trial_id in self._completed_trials:
-                return
-            if result["epoch"] < result.get("total_epochs", result["epoch"]):
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
-            else:
-                super().on_trial_complete(trial_id, result, error)
-
-    return PruneAwareOptunaSearch
 
 
 @dataclass
@@ -155,6 +116,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     tracking.prepare_environment()
     # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
     # in ``folder/ray``, which Tune syncs from its own staging copy (it would overwrite ours).
+    writable_folder(Path(storage), "--storage")
     folder = (Path(storage) / name).resolve()
     if resume and not (folder / RAY_SUBDIR / "tuner.pkl").is_file():
         raise ConfigError("--resume", f"no search to resume at {folder}")
@@ -192,6 +154,7 @@ def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
 
     from ltsearch.search import tracking
     from ltsearch.search.callbacks import RecordsCallback
+    from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
     from ltsearch.search.records import TrialRecords
     from ltsearch.search.trial import run_trial
 
@@ -211,10 +174,10 @@ def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        tuner._local_tuner._run_config.callbacks = callbacks  # the pickled ones are stale
+        replace_restored_callbacks(tuner, callbacks)
     else:
         storage_db = optuna.storages.RDBStorage(search.study_uri)
-        searcher = _prune_aware_optuna()(
+        searcher = prune_aware_optuna()(
             space=space.define, metric=settings.metric, mode=settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
             storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))

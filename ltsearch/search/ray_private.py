@@ -1,0 +1,55 @@
+"""Every use of Ray Tune's private attributes, in one place; ``tests/test_ray_private.py``
+fails loudly when a Ray release changes one of them.
+
+- ``OptunaSearch._ot_trials`` (Tune trial id → Optuna trial), ``._ot_study`` and
+  ``._completed_trials``: Tune's searcher API has no hook to report intermediate values to
+  Optuna or to tell a trial PRUNED.
+- ``Tuner._local_tuner._run_config.callbacks``: ``Tuner.restore`` takes no callbacks, and the
+  pickled ones hold a closed MLflow client and a stale records path.
+"""
+from __future__ import annotations
+
+
+def prune_aware_optuna():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruneAwareOptunaSearch(OptunaSearch):
+        """Optuna sees every epoch's value at step = epoch, and trials that ASHA stopped are
+        told as PRUNED with those intermediate values, not COMPLETE with an early value (Ray's
+        default). Tune hands the last result of a trial to ``on_trial_complete`` only, so it is
+        reported there too."""
+
+        def _report(self, trial_id, result):
+            value, epoch = result.get(self.metric), result.get("epoch")
+            steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
+            if value is not None and epoch is not None and epoch not in steps:
+                try:
+                    self._ot_trials[trial_id].report(value, epoch)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # A resumed search re-runs a trial the study had already closed (the
+                    # driver died between the two snapshots); the study keeps its record.
+                    self._completed_trials.add(trial_id)
+                steps.add(epoch)
+
+        def on_trial_result(self, trial_id, result):
+            if trial_id not in self._completed_trials:
+                self._report(trial_id, result)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id in self._completed_trials or error or not result:
+                return super().on_trial_complete(trial_id, result, error)
+            self._report(trial_id, result)
+            if trial_id in self._completed_trials:
+                return
+            if result["epoch"] < result.get("total_epochs", result["epoch"]):
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+            else:
+                super().on_trial_complete(trial_id, result, error)
+
+    return PruneAwareOptunaSearch
+
+
+def replace_restored_callbacks(tuner, callbacks: list) -> None:
+    tuner._local_tuner._run_config.callbacks = callbacks

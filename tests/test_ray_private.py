@@ -1,0 +1,30 @@
+"""The private Ray Tune attributes ltsearch relies on (ltsearch/search/ray_private.py) still
+exist: a Ray release that renames one fails here, not in the middle of a user's search."""
+import optuna
+from ray import tune
+
+from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
+
+
+def _define(trial):
+    trial.suggest_float("x", 0.0, 1.0)
+
+
+def test_optuna_searcher_internals():
+    searcher = prune_aware_optuna()(space=_define, metric="val/top1", mode="max",
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+    assert searcher.suggest("t1") is not None
+    assert isinstance(searcher._ot_study, optuna.Study)
+    assert isinstance(searcher._ot_trials["t1"], optuna.Trial)
+    assert isinstance(searcher._completed_trials, set)
+    searcher.on_trial_result("t1", {"val/top1": 0.5, "epoch": 1})
+    searcher.on_trial_complete("t1", {"val/top1": 0.6, "epoch": 2, "total_epochs": 3})
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {1: 0.5, 2: 0.6}
+
+
+def test_tuner_run_config_callbacks(tmp_path):
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path)))
+    marker = tune.Callback()
+    replace_restored_callbacks(tuner, [marker])
+    assert tuner._local_tuner._run_config.callbacks == [marker]
