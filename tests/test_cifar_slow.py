@@ -33,7 +33,13 @@ def test_cifar10_lt_one_epoch(cifar_root):
     assert len(data.test) == 10000 and np.bincount(data.test.y).tolist() == [1000] * 10
     assert data.classes[0] == "airplane" and data.classes[-1] == "truck"
     assert data.train.x.shape[1:] == (3, 32, 32)
-    result = Trainer(cfg, data).fit()
+    # one epoch of the same profile at a fifth of the size (n_max 1000), the LDAM-DRW preset,
+    # evaluated on the whole test set
+    small = config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "max_per_class": 1000},
+                              "method": {"name": "ldam_drw"}})
+    small_data = build_data(small.data)
+    assert small_data.counts == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+    result = Trainer(small, small_data).fit()
     assert result.status == "finished" and np.isfinite(result.metrics["train/loss"])
     assert sum(sum(row) for row in result.metrics["test/confusion"]) == 10000
 
