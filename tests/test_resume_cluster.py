@@ -63,6 +63,13 @@ def _wait(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _mlflow_up(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def _trials(folder: Path) -> dict:
     try:
         return json.loads((folder / "trials.json").read_text())
@@ -135,14 +142,8 @@ def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
                                  capture_output=True, text=True)
             return out.returncode == 0 and out.stdout.count("node_") >= 2
 
-        def mlflow_up():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200
-            except OSError:
-                return False
-
         _wait(nodes_up, 120, "two Ray nodes")
-        _wait(mlflow_up, 120, "the mlflow server")
+        _wait(lambda: _mlflow_up(mlflow_port), 120, "the mlflow server")
 
         data = tiny_search(method={"ce": {}, "reweight": {"weights.scheme": {"choice": ["sqrt", "inverse"]}}})
         data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False})
@@ -228,12 +229,6 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
                   "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                   "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
 
-    def up():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
     data = tiny_search(method={"ce": {}})
     data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False})
     path = tmp_path / "s.yaml"
@@ -245,7 +240,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:
-        _wait(up, 120, "the mlflow server")
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
         driver = subprocess.Popen(cmd, stdout=open(tmp_path / "first.log", "w"),
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -265,7 +260,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
         assert optuna.trial.TrialState.RUNNING not in [t.state for t in study.trials]
 
         server = _start(server_cmd, tmp_path / "mlflow2.log")  # back, on the same store
-        _wait(up, 120, "the mlflow server again")
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server again")
         resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
                                  timeout=400)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

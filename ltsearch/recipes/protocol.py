@@ -38,13 +38,12 @@ class Phase:
 
 
 def classifier_phase(name: str, epochs: int, lr: float, train: TrainConfig,
-                     weight_decay: Optional[float] = None, update_bn: bool = False,
-                     params: Optional[Callable[[], list]] = None) -> Phase:
+                     weight_decay: Optional[float] = None, update_bn: bool = False) -> Phase:
     """A classifier-only phase on frozen features: same batch and momentum, cosine lr to 0."""
     optim = OptimConfig(epochs=epochs, batch_size=train.batch_size, lr=lr, momentum=train.momentum,
                         weight_decay=train.weight_decay if weight_decay is None else weight_decay,
                         warmup_epochs=0, schedule="cosine", milestones=[])
-    return Phase(name, optim, classifier_only=True, update_bn=update_bn, params=params)
+    return Phase(name, optim, classifier_only=True, update_bn=update_bn)
 
 
 @dataclass
