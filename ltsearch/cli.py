@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int)
     s.add_argument("--max-concurrent", type=int)
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    s.add_argument("--no-tracking", action="store_true",
+                   help="record only in the search folder (search.tracking: none)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
     s.set_defaults(fn=cmd_search)
 

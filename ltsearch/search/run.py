@@ -8,6 +8,7 @@ agreement and writing the leaderboard and ``best_config.yaml``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ class SearchOutcome:
     parent_run_id: str
     tracking_uri: str
     ending: str = "finished"  # finished | interrupted | failed
+    tracking: str = ""  # where to look: one line
 
 
 class SearchStopped(Exception):
@@ -55,8 +57,7 @@ class Search:
     folder: Path
     resume: bool
     data: object
-    uri: str
-    exp_id: str = ""
+    tracker: object  # a search.tracker.Tracker
     parent: str = ""
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
 
@@ -107,13 +108,12 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     """Every check that needs no run: the folder, the tracking store, the data (the search file
     itself was checked when it was read). Writes nothing."""
     from ltsearch.data import build_data
-    from ltsearch.search import tracking
+    from ltsearch.search.tracker import make_tracker
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot often: cheap, resumes more
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tracking.prepare_environment()
     # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
     # in ``folder/ray``, which Tune syncs from its own staging copy (it would overwrite ours).
     writable_folder(Path(storage), "--storage")
@@ -123,53 +123,80 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     if not resume and (folder / RAY_SUBDIR / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
-    uri = tracking_uri or tracking.default_tracking_uri()
-    tracking.check_reachable(uri)
+    settings = space.settings
     data = build_data(config_from_dict(space.base).data)  # once, on the driver
-    return Search(space, name, folder, resume, data, uri)
+    tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
+                           data.classes, data.counts)
+    return Search(space, name, folder, resume, data, tracker)
 
 
 def prepare_search(search: Search) -> None:
-    """The search folder, the MLflow experiment and the parent run (reopened on resume)."""
-    from ltsearch.search import tracking
-
+    """The search folder and the tracker's search record (reopened on resume)."""
     search.folder.mkdir(parents=True, exist_ok=True)
     (search.folder / "search.yaml").write_text(_dump(search.space.source))
     settings = search.space.settings
-    search.exp_id = tracking.experiment_id(search.uri, settings.experiment or "ltsearch")
-    search.parent = tracking.start_parent_run(search.uri, search.exp_id, search.folder, search.name, {
+    search.parent = search.tracker.start_search(search.folder, search.name, {
         "search.metric": settings.metric, "search.mode": settings.mode,
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
         "search.max_concurrent": settings.max_concurrent,
         "search.methods": ",".join(search.space.methods), "data": search.data.summary()})
 
 
+RAY_LOG = "ray.log"
+
+
+@contextlib.contextmanager
+def ray_messages_to(path: Path, verbose: int):
+    """Ray's own log records (warnings about its bookkeeping on a resume, its tracebacks) go to
+    ``path``, not to the user's terminal; ``-v -v`` shows them."""
+    ray_logger = logging.getLogger("ray")
+    if verbose > 1:
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = ray_logger.handlers[:]
+    for h in saved:
+        ray_logger.removeHandler(h)
+    ray_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        ray_logger.removeHandler(handler)
+        handler.close()
+        for h in saved:
+            ray_logger.addHandler(h)
+
+
 def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
     """Start or join Ray, run the Tuner; "finished" or "interrupted"."""
-    import optuna
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
-    from ltsearch.search import tracking
-    from ltsearch.search.callbacks import RecordsCallback
-    from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
-    from ltsearch.search.records import TrialRecords
-    from ltsearch.search.trial import run_trial
-
-    space, settings = search.space, search.space.settings
     if not ray.is_initialized():
         # "local" starts a fresh instance: without it Ray would join whatever cluster
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
+    with ray_messages_to(search.folder / RAY_LOG, verbose):  # after ray.init, which resets them
+        return _tune(search, verbose)
+
+
+def _tune(search: Search, verbose: int) -> str:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from ltsearch.search.callbacks import SearchCallback
+    from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
+    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.trial import run_trial
+
+    space, settings = search.space, search.space.settings
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=search.data, space=space),
         {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
-    callbacks = [RecordsCallback(search.folder, space),
-                 tracking.MLflowTracker(search.uri, search.exp_id, search.parent, space,
-                                        search.data.classes, search.data.counts)]
+    callbacks = [SearchCallback(search.folder, space, search.tracker)]
     if search.resume:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
@@ -246,7 +273,6 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished."""
     import optuna
 
-    from ltsearch.search import tracking
     from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
 
     settings = search.space.settings
@@ -280,14 +306,14 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         write_config(ranked[0]["config"], best_path)
     elif ending == "finished":
         log.warning("no trial ran to the end; best_config.yaml not written")
-    status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(ending, "FAILED")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
                  search.folder / "trials.csv"] + ([best_path] if best_path else [])
     try:
-        tracking.end_parent_run(search.uri, search.parent, artifacts, status)
+        search.tracker.end_search(ending, artifacts)
     except Exception as e:  # a lost tracking server must not hide the search's own ending
-        log.warning("MLflow runs not closed (%s: %s); --resume reopens them", type(e).__name__, e)
-    return SearchOutcome(search.folder, records, best_path, board, search.parent, search.uri, ending)
+        log.warning("tracking records not closed (%s: %s); --resume reopens them", type(e).__name__, e)
+    return SearchOutcome(search.folder, records, best_path, board, search.parent,
+                         search.tracker.uri, ending, search.tracker.describe())
 
 
 def _dump(data) -> str:
@@ -299,7 +325,8 @@ def _dump(data) -> str:
 def main_search(args) -> int:
     from ltsearch.search.space import load_search_file
 
-    overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+    overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+                 "tracking": "none" if args.no_tracking else None}
     space = load_search_file(args.space, overrides)
     name = args.name or search_name(args.space)
     try:
@@ -329,5 +356,5 @@ def _summary(outcome: SearchOutcome, name: str, space) -> None:
     print(f"best trial per method (by {space.settings.metric}):\n{outcome.leaderboard}")
     if outcome.best_config:
         print(f"\nbest config: {outcome.best_config}\n  train it: ltsearch train {outcome.best_config}")
-    print(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    print(outcome.tracking)
     sys.stdout.flush()

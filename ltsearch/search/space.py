@@ -124,6 +124,8 @@ class SearchSettings:
     max_failures: int = spec(0, ge=0, doc="retries of a failing trial")
     checkpoint_every: int = spec(1, ge=1, doc="epochs between trial checkpoints")
     experiment: Optional[str] = spec(None, doc="MLflow experiment (default: ltsearch)")
+    tracking: Literal["mlflow", "none"] = spec("mlflow", doc="where runs are recorded besides "
+                                                           "the search folder (none: nowhere)")
     cover_methods: bool = spec(True, doc="the first trials try each method once, then TPE")
 
     def check(self):

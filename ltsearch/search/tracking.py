@@ -1,15 +1,14 @@
-"""MLflow tracking, owned by the search driver.
+"""MLflow, the search's one :class:`~ltsearch.search.tracker.Tracker` today.
 
-One parent run per search, one child run per trial. The driver creates and ends every run (a
-run opened inside a trial would stay RUNNING when the scheduler stops the trial): finished
-trials end FINISHED, trials the scheduler stopped end KILLED, trials that raised end FAILED.
+One parent run per search, one child run per trial: completed trials end FINISHED, trials the
+scheduler stopped or an interrupt cut short end KILLED, trials that raised end FAILED. The
+store is checked before Ray starts; a fresh sqlite store is created under a lock.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import logging
-import math
 import os
 import tempfile
 import time
@@ -17,18 +16,16 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from ray.tune import Callback
 
 from ltsearch.config import ConfigError
-from ltsearch.recipes import reported_metrics
-from ltsearch.search.records import error_text, finished_status, flatten
+from ltsearch.search.records import flatten
+from ltsearch.search.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 TAG_SEARCH = "ltsearch.search_dir"
 TAG_TRIAL = "ltsearch.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
-TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs
 
 
 def prepare_environment() -> None:
@@ -112,33 +109,6 @@ def experiment_id(uri: str, name: str) -> str:
             return exp.experiment_id
 
 
-def start_parent_run(uri: str, exp_id: str, search_dir: Path, name: str, params: dict) -> str:
-    """The search's parent run; a resumed search finds and reopens its own."""
-    client = _client(uri)
-    found = client.search_runs([exp_id], f"tags.`{TAG_SEARCH}` = '{search_dir}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = client.create_run(exp_id, run_name=name, tags={TAG_SEARCH: str(search_dir),
-                                                          "ltsearch.kind": "search"})
-    _log_params(client, run.info.run_id, params)
-    return run.info.run_id
-
-
-def end_parent_run(uri: str, run_id: str, artifacts: list[Path], status: str = "FINISHED") -> None:
-    client = _client(uri)
-    for path in artifacts:
-        if path.is_file():
-            client.log_artifact(run_id, str(path))
-    # Nothing may stay RUNNING: trials that never reported an end (a killed driver) are KILLED.
-    for child in client.search_runs([client.get_run(run_id).info.experiment_id],
-                                    f"tags.`{TAG_PARENT}` = '{run_id}'", max_results=10000):
-        if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, "KILLED")
-    client.set_terminated(run_id, status)
-
-
 def _log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 
@@ -147,85 +117,102 @@ def _log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i:i + 100])
 
 
-class MLflowTracker(Callback):
-    """Tune callback on the driver: child runs with params, per-epoch metrics and artifacts."""
+RUN_STATUS = {"COMPLETED": "FINISHED", "PRUNED": "KILLED", "INTERRUPTED": "KILLED",
+              "FAILED": "FAILED", "finished": "FINISHED", "interrupted": "KILLED",
+              "failed": "FAILED"}
 
-    def __init__(self, uri: str, exp_id: str, parent_run_id: str, space, classes: list[str],
-                 counts: list[int]):
+
+class MLflowTracker(Tracker):
+    """One parent run per search, one child run per trial, created and ended by the driver (a
+    run opened inside a trial would stay RUNNING when the scheduler stops the trial)."""
+
+    def __init__(self, uri: str, experiment: str, classes: list[str], counts: list[int]):
         self.uri = uri
-        self.exp_id = exp_id
-        self.parent = parent_run_id
-        self.space = space
+        self.experiment = experiment
         self.classes = classes
         self.counts = counts
-        self.runs: dict[str, str] = {}  # trial id → run id (also found again by tag on resume)
-        self.logged: dict[str, int] = {}  # trial id → last epoch logged
-        self.part_metrics = reported_metrics()
+        self.exp_id = ""
+        self.parent = ""
+        self.runs: dict[str, str] = {}  # trial id → run id (found again by tag on resume)
+        self.logged: dict[str, int] = {}  # trial id → last epoch the run holds
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment
-        return {**self.__dict__, "runs": {}, "logged": {}}
+    @classmethod
+    def checked(cls, uri: Optional[str], experiment: str, classes, counts) -> "MLflowTracker":
+        prepare_environment()
+        uri = uri or default_tracking_uri()
+        check_reachable(uri)
+        return cls(uri, experiment, classes, counts)
 
-    def _run_for(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+    def start_search(self, folder: Path, name: str, params: dict) -> str:
+        self.exp_id = experiment_id(self.uri, self.experiment)
+        client = _client(self.uri)
+        found = client.search_runs([self.exp_id], f"tags.`{TAG_SEARCH}` = '{folder}'", max_results=1)
+        if found:  # a resumed search reopens its own parent run
+            self.parent = found[0].info.run_id
+            client.update_run(self.parent, status="RUNNING")
+        else:
+            run = client.create_run(self.exp_id, run_name=name, tags={
+                TAG_SEARCH: str(folder), "ltsearch.kind": "search"})
+            self.parent = run.info.run_id
+            _log_params(client, self.parent, params)
+        return self.parent
+
+    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
         client = _client(self.uri)
         found = client.search_runs(
-            [self.exp_id], f"tags.`{TAG_TRIAL}` = '{trial.trial_id}' and tags.`{TAG_PARENT}` = '{self.parent}'",
+            [self.exp_id], f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{self.parent}'",
             max_results=1)
         if found:  # a resumed search: the run reopens, and epochs it holds are not logged twice
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
-            self.logged[trial.trial_id] = max(
+            self.logged[trial_id] = max(
                 (m.step for m in client.get_metric_history(run_id, "train/loss")), default=0)
         else:
-            cfg = self.space.trial_config(trial.config)
-            method = self.space.label(cfg)
-            run = client.create_run(self.exp_id, run_name=f"{method}-{trial.trial_id}", tags={
-                TAG_PARENT: self.parent, TAG_TRIAL: trial.trial_id, "method": method,
+            run = client.create_run(self.exp_id, run_name=f"{label}-{trial_id}", tags={
+                TAG_PARENT: self.parent, TAG_TRIAL: trial_id, "method": label,
                 "ltsearch.kind": "trial"})
             run_id = run.info.run_id
-            _log_params(client, run_id, flatten(cfg))
-        self.runs[trial.trial_id] = run_id
-        return run_id
+            _log_params(client, run_id, flatten(config))
+        self.runs[trial_id] = run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def log(self, trial_id: str, step: int, metrics: dict) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._run_for(trial)
-        step = int(result.get("epoch", 0))
-        if step <= self.logged.get(trial.trial_id, 0):  # re-run from an earlier checkpoint
+        if step <= self.logged.get(trial_id, 0):  # re-run from an earlier checkpoint
             return
-        self.logged[trial.trial_id] = step
+        self.logged[trial_id] = step
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   and ("/" in k or k in TRAINER_METRICS or k in self.part_metrics)]
-        _client(self.uri).log_batch(run_id, metrics=metrics)
+        _client(self.uri).log_batch(self.runs[trial_id], metrics=[
+            Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def _finish(self, trial, status: str, error: Optional[str] = None) -> None:
-        run_id = self._run_for(trial)
+    def end_trial(self, trial_id: str, status: str, config: dict, result: dict,
+                  error: Optional[str] = None) -> None:
+        run_id = self.runs[trial_id]
         client = _client(self.uri)
-        result = trial.last_result or {}
         try:
             with tempfile.TemporaryDirectory() as folder:
-                write_trial_artifacts(Path(folder), self.space.trial_config(trial.config), result,
-                                      self.classes, self.counts)
+                write_trial_artifacts(Path(folder), config, result, self.classes, self.counts)
                 client.log_artifacts(run_id, folder)
         except Exception as e:  # artifacts must not leave the run open
-            log.warning("artifacts of trial %s not written: %s", trial.trial_id, e)
+            log.warning("artifacts of trial %s not written: %s", trial_id, e)
         if error:
             client.set_tag(run_id, "error", error[:5000])
-        client.set_terminated(run_id, status)
+        client.set_terminated(run_id, RUN_STATUS[status])
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        status = finished_status(trial.last_result)
-        self._finish(trial, "FINISHED" if status == "COMPLETED" else "KILLED")
+    def end_search(self, ending: str, artifacts: list[Path]) -> None:
+        client = _client(self.uri)
+        for path in artifacts:
+            if path.is_file():
+                client.log_artifact(self.parent, str(path))
+        # Nothing may stay RUNNING: trials that never reported an end (a killed driver) are KILLED.
+        for child in client.search_runs([self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent}'",
+                                        max_results=10000):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+        client.set_terminated(self.parent, RUN_STATUS[ending])
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "FAILED", error_text(trial))
+    def describe(self) -> str:
+        return f"MLflow: {self.uri} (parent run {self.parent})"
 
 
 def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: list[str],

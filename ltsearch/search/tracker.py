@@ -1,0 +1,127 @@
+"""What a search records outside its folder, behind one small interface.
+
+The driver and its Tune callback speak only to a :class:`Tracker`: start the search, start a
+trial, log a trial's epoch, end a trial, end the search. MLflow is today's one implementation
+(:mod:`ltsearch.search.tracking`); the base class records nothing (``search.tracking: none``).
+:class:`BackgroundTracker` runs any tracker's calls in order on one thread, so Tune's event loop
+never waits for a tracking server; ``end_search`` drains it first, so nothing is lost.
+
+Statuses are the records' words: a trial ends ``COMPLETED``, ``PRUNED``, ``FAILED`` or
+``INTERRUPTED``; a search ``finished``, ``interrupted`` or ``failed``.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Records nothing: a search with tracking turned off."""
+
+    uri = ""
+
+    def start_search(self, folder: Path, name: str, params: dict) -> str:
+        """Open (or, for a resumed search, reopen) the search's record; its id, or ""."""
+        return ""
+
+    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
+        """Open the trial's record (reopen it on resume, keeping the epochs it holds)."""
+
+    def log(self, trial_id: str, step: int, metrics: dict) -> None:
+        """One epoch's scalar metrics; a step already recorded is skipped."""
+
+    def end_trial(self, trial_id: str, status: str, config: dict, result: dict,
+                  error: Optional[str] = None) -> None:
+        """Close the trial's record; ``result`` is its last report (per-class lists included)."""
+
+    def end_search(self, ending: str, artifacts: list[Path]) -> None:
+        """Close the search's record and every trial record still open."""
+
+    def describe(self) -> str:
+        """One line for the summary: where to look at the records."""
+        return "tracking: off"
+
+
+class BackgroundTracker(Tracker):
+    """Calls ``inner`` on a thread, in order. A call that raises stops the thread; the error is
+    raised to the caller at its next call, as if the call had been direct."""
+
+    def __init__(self, inner: Tracker):
+        self.inner = inner
+        self.uri = inner.uri
+        self.error: Optional[BaseException] = None
+        self._calls: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def start_search(self, folder: Path, name: str, params: dict) -> str:
+        return self.inner.start_search(folder, name, params)  # the id is needed now
+
+    def _put(self, method, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="tracker", daemon=True)
+            self._thread.start()
+        self._calls.put((method, args))
+
+    def _work(self) -> None:
+        while True:
+            method, args = self._calls.get()
+            try:
+                if method is not None and self.error is None:
+                    method(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.error = e
+            finally:
+                self._calls.task_done()
+            if method is None:
+                return
+
+    def start_trial(self, *args) -> None:
+        self._put(self.inner.start_trial, *args)
+
+    def log(self, *args) -> None:
+        self._put(self.inner.log, *args)
+
+    def end_trial(self, *args, **kwargs) -> None:
+        self._put(lambda *a: self.inner.end_trial(*a, **kwargs), *args)
+
+    def drain(self) -> None:
+        """Wait until every queued call has run; raise the first error."""
+        if self._thread is not None:
+            self._calls.join()
+        if self.error is not None:
+            raise self.error
+
+    def end_search(self, ending: str, artifacts: list[Path]) -> None:
+        """Run what is queued, then close: a call that failed (a server that came back, say)
+        must not leave the search's record open."""
+        try:
+            self.drain()
+        except Exception as e:
+            log.warning("a tracking call failed (%s: %s); closing the records anyway",
+                        type(e).__name__, e)
+        finally:
+            if self._thread is not None:
+                self._calls.put((None, ()))
+                self._thread.join()
+                self._thread = None
+        self.inner.end_search(ending, artifacts)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+def make_tracker(kind: str, uri: Optional[str], experiment: str, classes: list[str],
+                 counts: list[int]) -> Tracker:
+    """The tracker ``search.tracking`` names, checked (a tracking server must answer)."""
+    if kind == "none":
+        return Tracker()
+    from ltsearch.search import tracking
+
+    return BackgroundTracker(tracking.MLflowTracker.checked(uri, experiment, classes, counts))

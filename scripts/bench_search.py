@@ -1,0 +1,132 @@
+"""Where a search's time goes, for the old settings and the new, side by side.
+
+    python scripts/bench_search.py search_spaces/quickstart.yaml [--only old|new] [--keep DIR]
+
+Runs ``ltsearch search FILE`` as a user would (a fresh folder and a fresh MLflow store each)
+once with the old path (a fresh worker process per trial, a checkpoint every epoch, the driver
+waiting on every MLflow call) and once with the new defaults, then prints: wall time, search
+efficiency (Σ epoch training time ÷ (first trial start → last trial end × concurrent slots)),
+the median fixed cost per trial (everything but its epochs) and its parts, and whether both
+produced the same trials and ranking. A benchmark, not a test: numbers mean something only on
+the machine that printed them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+OLD = {"reuse_workers": False, "checkpoint_every": 1, "background_tracking": False}
+NEW: dict = {}  # the defaults
+
+
+def run(space: Path, settings: dict, folder: Path) -> dict:
+    """One search in ``folder``; its wall time and the analysis of what it left."""
+    data = yaml.safe_load(space.read_text())
+    data.setdefault("search", {}).update(settings)
+    path = folder / space.name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    exe = Path(sys.executable).parent / "ltsearch"
+    start = time.perf_counter()
+    out = subprocess.run([str(exe), "search", str(path)], cwd=folder, env=env,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.exit(f"the search failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return {"wall": wall, "slots": data["search"].get("max_concurrent", 2),
+            **analyse(folder / "searches" / path.stem)}
+
+
+def analyse(search_dir: Path) -> dict:
+    """Per trial, from trials.json (the driver's view) and Ray's result.json (the trial's)."""
+    records = json.loads((search_dir / "trials.json").read_text())
+    rows: dict[str, list[dict]] = {}
+    for f in (search_dir / "ray").glob("*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if lines:
+            rows[lines[0]["trial_id"]] = lines
+    trials = []
+    for trial_id, r in records.items():
+        reports = rows.get(trial_id, [])
+        last = reports[-1] if reports else {}
+        train = sum(x.get("epoch_time_s", 0.0) for x in reports)
+        duration = r["ended_at"] - r["started_at"]
+        parts = {"worker start": last.get("entered_at", r["started_at"]) - r["started_at"],
+                 "data + trainer build": last.get("time/setup_s", 0.0),
+                 "evaluation": last.get("time/eval_s", 0.0),
+                 "checkpoint + report": last.get("time/report_s", 0.0),
+                 "tracking (driver)": r.get("driver_s", 0.0)}
+        parts["other"] = duration - train - sum(parts.values())
+        trials.append({"id": trial_id, "train": train, "duration": duration, "fixed": duration - train,
+                       "parts": parts, "start": r["started_at"], "end": r["ended_at"],
+                       "pid": last.get("pid"), "status": r["status"], "method": r["method"],
+                       "config": r["config"], "metrics": r["metrics"]})
+    return {"trials": trials}
+
+
+def summary(result: dict) -> dict:
+    trials = result["trials"]
+    span = max(t["end"] for t in trials) - min(t["start"] for t in trials)
+    train = sum(t["train"] for t in trials)
+    out = {"wall time (s)": result["wall"], "trials": len(trials),
+           "worker processes": len({t["pid"] for t in trials}),
+           "Σ epoch training (s)": train, "first start → last end (s)": span,
+           "search efficiency (%)": 100 * train / (span * result["slots"]),
+           "median fixed cost per trial (s)": statistics.median(t["fixed"] for t in trials)}
+    for part in trials[0]["parts"]:
+        out[f"  {part}"] = statistics.median(t["parts"][part] for t in trials)
+    return out
+
+
+def outcome(result: dict, metric: str) -> list:
+    """What must not change: each trial's config, status, epochs' result, in ranked order."""
+    key = lambda t: (-(t["metrics"].get(metric) or -1), json.dumps(t["config"], sort_keys=True))
+    return [(t["method"], t["status"], json.dumps(t["config"], sort_keys=True),
+             {k: v for k, v in t["metrics"].items() if not k.startswith("time/")})
+            for t in sorted(result["trials"], key=key)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("space", type=Path)
+    ap.add_argument("--only", choices=["old", "new"])
+    ap.add_argument("--keep", type=Path, help="keep the search folders here")
+    args = ap.parse_args()
+    metric = (yaml.safe_load(args.space.read_text()).get("search") or {}).get("metric", "val/balanced_acc")
+    results = {}
+    for name, settings in (("old", OLD), ("new", NEW)):
+        if args.only and args.only != name:
+            continue
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.keep))
+        print(f"running the {name} path in {folder} …", file=sys.stderr, flush=True)
+        results[name] = run(args.space.resolve(), settings, folder)
+    sums = {k: summary(v) for k, v in results.items()}
+    names = list(sums)
+    print(f"{args.space} on {os.cpu_count()} CPU(s)")
+    print(f"{'':34}" + "".join(f"{n:>10}" for n in names) + ("    new/old" if len(names) == 2 else ""))
+    for key in sums[names[0]]:
+        vals = [sums[n][key] for n in names]
+        line = f"{key:34}" + "".join(f"{v:>10.2f}" if isinstance(v, float) else f"{v:>10}" for v in vals)
+        if len(vals) == 2 and isinstance(vals[0], float) and vals[0] and "%" not in key:
+            line += f"{vals[1] / vals[0]:>11.2f}"
+        print(line)
+    if len(names) == 2:
+        a, b = (outcome(results[n], metric) for n in names)
+        same_configs = sorted(x[2] for x in a) == sorted(x[2] for x in b)
+        print(f"same trials (configs): {'yes' if same_configs else 'no'}; "
+              f"same statuses and ranking: {'yes' if [x[:3] for x in a] == [x[:3] for x in b] else 'no'}; "
+              f"identical metrics: {'yes' if a == b else 'no'}")
+
+
+if __name__ == "__main__":
+    main()

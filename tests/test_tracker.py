@@ -1,0 +1,85 @@
+"""The tracker interface: the driver's calls reach a tracker in order, off Tune's event loop,
+without losing one; tracking can be turned off."""
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_search
+from ltsearch.search.tracker import BackgroundTracker, Tracker
+
+
+class ListTracker(Tracker):
+    """Keeps every call, as a list: the simplest tracker besides none."""
+
+    def __init__(self, fail_on=None):
+        self.calls, self.threads, self.fail_on = [], set(), fail_on
+
+    def _keep(self, *call):
+        self.threads.add(threading.current_thread().name)
+        if call[0] == self.fail_on:
+            raise ConnectionError(f"{call[0]} lost")
+        self.calls.append(call)
+
+    def start_trial(self, trial_id, label, config):
+        self._keep("start_trial", trial_id)
+
+    def log(self, trial_id, step, metrics):
+        self._keep("log", trial_id, step)
+
+    def end_trial(self, trial_id, status, config, result, error=None):
+        self._keep("end_trial", trial_id, status, error)
+
+    def end_search(self, ending, artifacts):
+        self._keep("end_search", ending)
+
+
+def test_background_tracker_runs_every_call_in_order_on_its_own_thread():
+    inner = ListTracker()
+    tracker = BackgroundTracker(inner)
+    tracker.start_trial("a", "ce", {})
+    for step in range(1, 51):
+        tracker.log("a", step, {"val/top1": step / 50})
+    tracker.end_trial("a", "FAILED", {}, {}, "boom")
+    tracker.end_search("failed", [])
+    assert inner.calls == [("start_trial", "a"), *[("log", "a", s) for s in range(1, 51)],
+                           ("end_trial", "a", "FAILED", "boom"), ("end_search", "failed")]
+    assert inner.threads == {"tracker", threading.current_thread().name}  # end_search: the caller's
+
+
+def test_a_failed_tracking_call_reaches_the_caller_and_the_search_is_still_closed():
+    inner = ListTracker(fail_on="log")
+    tracker = BackgroundTracker(inner)
+    tracker.start_trial("a", "ce", {})
+    tracker.log("a", 1, {})
+    with pytest.raises(ConnectionError, match="log lost"):
+        tracker.drain()
+    with pytest.raises(ConnectionError, match="log lost"):  # as a direct call would have
+        tracker.log("a", 2, {})
+    tracker.end_search("failed", [])
+    assert inner.calls == [("start_trial", "a"), ("end_search", "failed")]
+
+
+def test_a_search_with_tracking_off_records_only_its_folder(tmp_path):
+    data = tiny_search(method={"ce": {}, "balanced_softmax": {}})
+    data["search"].update(num_samples=2, asha={"enabled": False})
+    data["base"]["train"]["epochs"] = 2
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    out = subprocess.run([str(Path(sys.executable).parent / "ltsearch"), "search", str(path),
+                          "--no-tracking"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    trials = json.loads((tmp_path / "searches" / "s" / "trials.json").read_text())
+    assert sorted(r["status"] for r in trials.values()) == ["COMPLETED", "COMPLETED"]
+    assert all(r["metrics"]["val/balanced_acc"] is not None for r in trials.values())
+    assert (tmp_path / "searches" / "s" / "best_config.yaml").is_file()
+    assert not list(tmp_path.glob("mlflow*")) and "tracking: off" in out.stdout
+    assert "MLflow" not in out.stdout + out.stderr
