@@ -122,7 +122,9 @@ def test_resume_after_sigkill(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI not installed")
-def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
+def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
+    """Trials run on both nodes; the worker node dies (SIGKILL to its raylet and workers); its
+    trial continues from its last checkpoint on the head node, and nothing recorded is lost."""
     ray_port, mlflow_port = _free_port(), _free_port()
     address = f"127.0.0.1:{ray_port}"
     procs = []
@@ -149,22 +151,43 @@ def test_search_on_a_two_node_cluster_with_mlflow_server(tmp_path):
         _wait(lambda: _mlflow_up(mlflow_port), 120, "the mlflow server")
 
         data = tiny_search(method={"ce": {}, "reweight": {"weights.scheme": {"choice": ["sqrt", "inverse"]}}})
-        data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False})
+        data["base"]["train"]["epochs"] = 8
+        data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False},
+                              checkpoint_every=1, max_failures=2)
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(data))
         uri = f"http://127.0.0.1:{mlflow_port}"
-        run = subprocess.run([str(BIN / "ltsearch"), "search", str(path), "--address", address,
-                              "--tracking-uri", uri, "--storage", str(tmp_path / "s"), "--name", "c"],
-                             env=_env(), capture_output=True, text=True, timeout=400)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        trials = _trials(tmp_path / "s" / "c")
+        folder = tmp_path / "s" / "c"
+        driver = _start([str(BIN / "ltsearch"), "search", str(path), "--address", address,
+                         "--tracking-uri", uri, "--storage", str(tmp_path / "s"), "--name", "c"],
+                        tmp_path / "driver.log")
+        procs.append(driver)
+
+        def both_nodes_mid_trial():
+            running = {k: r for k, r in _trials(folder).items()
+                       if r["status"] == "RUNNING" and (r.get("epochs") or 0) >= 1}
+            return len({r["node_id"] for r in running.values()}) == 2 and running
+
+        _wait(both_nodes_mid_trial, 120, "a trial past its first epoch on each node")
+        at_kill = {k: r["node_id"] for k, r in both_nodes_mid_trial().items()}
+        _stop(procs[2], signal.SIGKILL)  # the worker node: its raylet and the trials on it
+        assert driver.wait(timeout=400) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+
+        trials = _trials(folder)
         assert len(trials) == 4 and all(r["status"] == "COMPLETED" for r in trials.values())
-        assert len({r["node_id"] for r in trials.values()}) == 2  # trials ran on both nodes
+        moved = [k for k, node in at_kill.items() if trials[k]["node_id"] != node]
+        assert len(moved) == 1  # the worker node's trial finished on the head node…
+        result = next((folder / "ray").glob(f"*{moved[0]}*/result.json")).read_text().splitlines()
+        last = json.loads(result[-1])
+        assert last["epoch"] == 8 and last["iterations_since_restore"] < 8  # …from its checkpoint
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("ltsearch").experiment_id
         runs = client.search_runs([exp])
         trial_runs = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial"]
         assert len(trial_runs) == 4 and all(r.info.status == "FINISHED" for r in trial_runs)
+        for r in trial_runs:  # every epoch once: nothing lost, nothing logged twice
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
+            assert sorted(steps) == list(range(1, 9)), (r.data.tags["ltsearch.trial_id"], steps)
         names = {a.path for a in client.list_artifacts(trial_runs[0].info.run_id)}
         assert "confusion_matrix.png" in names
     finally:
