@@ -94,6 +94,7 @@ class Trainer:
         self._phase_index: int | None = None
         self._compiled = None
         self._compile_verified = False
+        self.eval_seconds = 0.0  # spent evaluating, all told (reported per epoch as eval_time_s)
 
     # --- phases ------------------------------------------------------------------------------
     def locate(self, epoch: int) -> tuple[int, int]:
@@ -206,9 +207,11 @@ class Trainer:
         return torch.cat(preds)
 
     def evaluate(self, images: DeviceImages, prefix: str) -> dict:
+        start = time.perf_counter()
         m = self.cfg.train.metrics
         metrics = classification_metrics(images.y, self.predict(images), self.data.counts,
                                          m.many_threshold, m.few_threshold)
+        self.eval_seconds += time.perf_counter() - start
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     # --- the run -----------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class Trainer:
         deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         metrics: dict = {}
         while self.epoch < stop_at:
+            evaluated = self.eval_seconds
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("time limit reached after %d epochs; evaluating on test", self.epoch)
                 metrics.update(self.evaluate(self.test_set, "test"))
@@ -248,6 +252,7 @@ class Trainer:
                 else:
                     metrics.update(self.evaluate(self.val_set, "val"))
                 metrics["total_epochs"] = self.total_epochs
+                metrics["eval_time_s"] = self.eval_seconds - evaluated
                 self.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
                 if callback is not None:
                     callback(metrics, self)

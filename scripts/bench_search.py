@@ -67,10 +67,12 @@ def analyse(search_dir: Path) -> dict:
                  "checkpoint + report": last.get("time/report_s", 0.0),
                  "tracking (driver)": r.get("driver_s", 0.0)}
         parts["other"] = duration - train - sum(parts.values())
+        numbers = [{k: v for k, v in x.items() if ("/" in k and not k.startswith("time/")) or k == "lr"}
+                   for x in reports]
         trials.append({"id": trial_id, "train": train, "duration": duration, "fixed": duration - train,
                        "parts": parts, "start": r["started_at"], "end": r["ended_at"],
                        "pid": last.get("pid"), "status": r["status"], "method": r["method"],
-                       "config": r["config"], "metrics": r["metrics"]})
+                       "config": r["config"], "metrics": r["metrics"], "numbers": numbers})
     return {"trials": trials}
 
 
@@ -82,18 +84,27 @@ def summary(result: dict) -> dict:
            "worker processes": len({t["pid"] for t in trials}),
            "Σ epoch training (s)": train, "first start → last end (s)": span,
            "search efficiency (%)": 100 * train / (span * result["slots"]),
+           "slot time between trials (s/trial)":
+               (span * result["slots"] - sum(t["duration"] for t in trials)) / len(trials),
            "median fixed cost per trial (s)": statistics.median(t["fixed"] for t in trials)}
     for part in trials[0]["parts"]:
         out[f"  {part}"] = statistics.median(t["parts"][part] for t in trials)
     return out
 
 
-def outcome(result: dict, metric: str) -> list:
-    """What must not change: each trial's config, status, epochs' result, in ranked order."""
-    key = lambda t: (-(t["metrics"].get(metric) or -1), json.dumps(t["config"], sort_keys=True))
-    return [(t["method"], t["status"], json.dumps(t["config"], sort_keys=True),
-             {k: v for k, v in t["metrics"].items() if not k.startswith("time/")})
-            for t in sorted(result["trials"], key=key)]
+def compare(old: dict, new: dict) -> str:
+    """Same trials (configs), same per-epoch numbers wherever both ran an epoch, and which
+    trials ASHA decided differently (its decisions follow the order results arrive in)."""
+    by_config = lambda r: {json.dumps(t["config"], sort_keys=True): t for t in r["trials"]}
+    a, b = by_config(old), by_config(new)
+    if sorted(a) != sorted(b):
+        return "different trials (configs): TPE saw different histories"
+    same_numbers = all(x == y for k in a for x, y in zip(a[k]["numbers"], b[k]["numbers"]))
+    moved = [f"{a[k]['method']} {a[k]['status'].lower()}→{b[k]['status'].lower()}"
+             for k in a if a[k]["status"] != b[k]["status"]]
+    return (f"same trials (configs): yes; identical numbers at every epoch both ran: "
+            f"{'yes' if same_numbers else 'no'}; ASHA decided differently: "
+            f"{', '.join(moved) if moved else 'none'}")
 
 
 def main() -> None:
@@ -102,7 +113,6 @@ def main() -> None:
     ap.add_argument("--only", choices=["old", "new"])
     ap.add_argument("--keep", type=Path, help="keep the search folders here")
     args = ap.parse_args()
-    metric = (yaml.safe_load(args.space.read_text()).get("search") or {}).get("metric", "val/balanced_acc")
     results = {}
     for name, settings in (("old", OLD), ("new", NEW)):
         if args.only and args.only != name:
@@ -121,11 +131,7 @@ def main() -> None:
             line += f"{vals[1] / vals[0]:>11.2f}"
         print(line)
     if len(names) == 2:
-        a, b = (outcome(results[n], metric) for n in names)
-        same_configs = sorted(x[2] for x in a) == sorted(x[2] for x in b)
-        print(f"same trials (configs): {'yes' if same_configs else 'no'}; "
-              f"same statuses and ranking: {'yes' if [x[:3] for x in a] == [x[:3] for x in b] else 'no'}; "
-              f"identical metrics: {'yes' if a == b else 'no'}")
+        print(compare(results["old"], results["new"]))
 
 
 if __name__ == "__main__":

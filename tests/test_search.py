@@ -183,3 +183,28 @@ def test_search_over_parts_names_composed_trials(ray_local, tmp_path):
         record = outcome.records.trials[r.data.tags["ltsearch.trial_id"]]
         assert record["method"] == label and record["epochs"] == (3 if "lws" in label else 2)
         assert label in outcome.leaderboard
+
+
+def _reports(folder) -> dict:
+    """Ray's per-trial reports (result.json), by trial id."""
+    out = {}
+    for f in (folder / "ray").glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def test_a_reused_worker_gives_the_same_results_as_a_fresh_one(ray_local, tmp_path):
+    """Three trials of one config, one at a time: the first in a fresh worker process, the next
+    two in the same process after it. Model, optimiser and randomness start afresh each time,
+    so every epoch's numbers are equal to the last bit."""
+    data = tiny_search(method={"mixup_drw": {}})  # no parameters: every trial the same config
+    data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False}, tracking="none")
+    outcome = run_search(parse_search_file(data), name="reuse", storage=tmp_path, verbose=0)
+    reports = _reports(outcome.folder)
+    assert len(reports) == 3
+    assert len({rows[0]["pid"] for rows in reports.values()}) == 1  # one worker ran all three
+    numbers = [[{k: v for k, v in r.items() if ("/" in k and not k.startswith("time/")) or k == "lr"}
+                for r in rows] for rows in reports.values()]
+    assert len(numbers[0]) == 3 and numbers[0][-1]["test/top1"] > 0.5
+    assert numbers[0] == numbers[1] == numbers[2]

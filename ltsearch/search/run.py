@@ -23,6 +23,7 @@ from ltsearch.runconfig import config_from_dict
 log = logging.getLogger(__name__)
 
 RAY_SUBDIR = "ray"
+COMPILE_CACHE = "compile_cache"  # torch inductor's, shared by the search's compiled trials
 
 
 
@@ -58,7 +59,6 @@ class Search:
     resume: bool
     data: object
     tracker: object  # a search.tracker.Tracker
-    parent: str = ""
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
 
     @property
@@ -126,7 +126,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     settings = space.settings
     data = build_data(config_from_dict(space.base).data)  # once, on the driver
     tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
-                           data.classes, data.counts)
+                           data.classes, data.counts, background=settings.background_tracking)
     return Search(space, name, folder, resume, data, tracker)
 
 
@@ -135,7 +135,7 @@ def prepare_search(search: Search) -> None:
     search.folder.mkdir(parents=True, exist_ok=True)
     (search.folder / "search.yaml").write_text(_dump(search.space.source))
     settings = search.space.settings
-    search.parent = search.tracker.start_search(search.folder, search.name, {
+    search.tracker.start_search(search.folder, search.name, {
         "search.metric": settings.metric, "search.mode": settings.mode,
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
         "search.max_concurrent": settings.max_concurrent,
@@ -194,7 +194,8 @@ def _tune(search: Search, verbose: int) -> str:
 
     space, settings = search.space, search.space.settings
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=search.data, space=space),
+        tune.with_parameters(run_trial, data=search.data, space=space,
+                             compile_cache=str(search.folder / COMPILE_CACHE)),
         {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
     callbacks = [SearchCallback(search.folder, space, search.tracker)]
     if search.resume:
@@ -220,7 +221,7 @@ def _tune(search: Search, verbose: int) -> str:
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
-                scheduler=scheduler, reuse_actors=False),
+                scheduler=scheduler, reuse_actors=settings.reuse_workers),
             run_config=tune.RunConfig(
                 name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks,
                 verbose=verbose,
@@ -312,7 +313,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         search.tracker.end_search(ending, artifacts)
     except Exception as e:  # a lost tracking server must not hide the search's own ending
         log.warning("tracking records not closed (%s: %s); --resume reopens them", type(e).__name__, e)
-    return SearchOutcome(search.folder, records, best_path, board, search.parent,
+    return SearchOutcome(search.folder, records, best_path, board, search.tracker.search_id,
                          search.tracker.uri, ending, search.tracker.describe())
 
 

@@ -122,7 +122,14 @@ class SearchSettings:
     asha: AshaSettings = field(default_factory=AshaSettings)
     seed: int = spec(0, doc="Optuna TPE sampler seed")
     max_failures: int = spec(0, ge=0, doc="retries of a failing trial")
-    checkpoint_every: int = spec(1, ge=1, doc="epochs between trial checkpoints")
+    checkpoint_every: Optional[int] = spec(None, ge=1, doc="epochs between trial checkpoints "
+                                                           "(default: by time, below)")
+    checkpoint_interval_s: float = spec(60.0, gt=0, doc="without checkpoint_every: seconds of a "
+                                                        "trial's time between its checkpoints")
+    reuse_workers: bool = spec(True, doc="a worker process runs many trials in turn (imports, "
+                                         "data and compiled graphs paid once)")
+    background_tracking: bool = spec(True, doc="tracking calls on a thread of their own (false: "
+                                               "the driver waits for each; for comparison)")
     experiment: Optional[str] = spec(None, doc="MLflow experiment (default: ltsearch)")
     tracking: Literal["mlflow", "none"] = spec("mlflow", doc="where runs are recorded besides "
                                                            "the search folder (none: nowhere)")

@@ -24,10 +24,10 @@ class Tracker:
     """Records nothing: a search with tracking turned off."""
 
     uri = ""
+    search_id = ""  # the search's record, once started
 
-    def start_search(self, folder: Path, name: str, params: dict) -> str:
-        """Open (or, for a resumed search, reopen) the search's record; its id, or ""."""
-        return ""
+    def start_search(self, folder: Path, name: str, params: dict) -> None:
+        """Open (or, for a resumed search, reopen) the search's record."""
 
     def start_trial(self, trial_id: str, label: str, config: dict) -> None:
         """Open the trial's record (reopen it on resume, keeping the epochs it holds)."""
@@ -58,8 +58,13 @@ class BackgroundTracker(Tracker):
         self._calls: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
 
-    def start_search(self, folder: Path, name: str, params: dict) -> str:
-        return self.inner.start_search(folder, name, params)  # the id is needed now
+    @property
+    def search_id(self) -> str:
+        return self.inner.search_id
+
+    def start_search(self, *args) -> None:
+        """Queued like the rest: a fresh store's set-up overlaps Ray's start."""
+        self._put(self.inner.start_search, *args)
 
     def _put(self, method, *args) -> None:
         if self.error is not None:
@@ -118,10 +123,11 @@ class BackgroundTracker(Tracker):
 
 
 def make_tracker(kind: str, uri: Optional[str], experiment: str, classes: list[str],
-                 counts: list[int]) -> Tracker:
+                 counts: list[int], background: bool = True) -> Tracker:
     """The tracker ``search.tracking`` names, checked (a tracking server must answer)."""
     if kind == "none":
         return Tracker()
     from ltsearch.search import tracking
 
-    return BackgroundTracker(tracking.MLflowTracker.checked(uri, experiment, classes, counts))
+    tracker = tracking.MLflowTracker.checked(uri, experiment, classes, counts)
+    return BackgroundTracker(tracker) if background else tracker

@@ -136,6 +136,14 @@ class MLflowTracker(Tracker):
         self.parent = ""
         self.runs: dict[str, str] = {}  # trial id → run id (found again by tag on resume)
         self.logged: dict[str, int] = {}  # trial id → last epoch the run holds
+        self._client = None
+
+    @property
+    def client(self):
+        """One client for the search: each new one opens the store again (seconds of CPU)."""
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
 
     @classmethod
     def checked(cls, uri: Optional[str], experiment: str, classes, counts) -> "MLflowTracker":
@@ -144,9 +152,13 @@ class MLflowTracker(Tracker):
         check_reachable(uri)
         return cls(uri, experiment, classes, counts)
 
-    def start_search(self, folder: Path, name: str, params: dict) -> str:
+    @property
+    def search_id(self) -> str:
+        return self.parent
+
+    def start_search(self, folder: Path, name: str, params: dict) -> None:
         self.exp_id = experiment_id(self.uri, self.experiment)
-        client = _client(self.uri)
+        client = self.client
         found = client.search_runs([self.exp_id], f"tags.`{TAG_SEARCH}` = '{folder}'", max_results=1)
         if found:  # a resumed search reopens its own parent run
             self.parent = found[0].info.run_id
@@ -156,10 +168,9 @@ class MLflowTracker(Tracker):
                 TAG_SEARCH: str(folder), "ltsearch.kind": "search"})
             self.parent = run.info.run_id
             _log_params(client, self.parent, params)
-        return self.parent
 
     def start_trial(self, trial_id: str, label: str, config: dict) -> None:
-        client = _client(self.uri)
+        client = self.client
         found = client.search_runs(
             [self.exp_id], f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{self.parent}'",
             max_results=1)
@@ -183,13 +194,13 @@ class MLflowTracker(Tracker):
             return
         self.logged[trial_id] = step
         now = int(time.time() * 1000)
-        _client(self.uri).log_batch(self.runs[trial_id], metrics=[
+        self.client.log_batch(self.runs[trial_id], metrics=[
             Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def end_trial(self, trial_id: str, status: str, config: dict, result: dict,
                   error: Optional[str] = None) -> None:
         run_id = self.runs[trial_id]
-        client = _client(self.uri)
+        client = self.client
         try:
             with tempfile.TemporaryDirectory() as folder:
                 write_trial_artifacts(Path(folder), config, result, self.classes, self.counts)
@@ -201,7 +212,7 @@ class MLflowTracker(Tracker):
         client.set_terminated(run_id, RUN_STATUS[status])
 
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
-        client = _client(self.uri)
+        client = self.client
         for path in artifacts:
             if path.is_file():
                 client.log_artifact(self.parent, str(path))
@@ -220,10 +231,8 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
                           counts: list[int]) -> None:
     """Trial config YAML, per-class accuracy (CSV and a bar chart against the training count)
     and the confusion matrix picture, from the last report (test when it has one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, cheaper on a thread
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     split = "test" if "test/per_class" in result else "val"
@@ -238,7 +247,10 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
         for c, name in enumerate(classes):
             fh.write(f"{name},{counts[c]},{_fmt(val[c])},{_fmt(test[c])}\n")
 
-    fig, ax = plt.subplots(figsize=(max(6, len(classes) * 0.35), 4))
+    # Fixed margins rather than tight_layout, which measures every text (most of the cost).
+    fig = Figure(figsize=(max(6, len(classes) * 0.35), 4))
+    fig.subplots_adjust(left=0.1, right=0.86, bottom=0.15, top=0.9)
+    ax = fig.add_subplot()
     ax.bar(range(len(classes)), [0 if v is None or v != v else v for v in per_class], color="tab:blue")
     ax.set_ylabel(f"{split} accuracy")
     ax.set_ylim(0, 1)
@@ -246,15 +258,18 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
     ax2.plot(range(len(classes)), counts, color="tab:red", marker=".")
     ax2.set_ylabel("training images", color="tab:red")
     ax2.set_yscale("log")
+    ax2.set_yticks(sorted({min(counts), int(round((min(counts) * max(counts)) ** 0.5)), max(counts)}))
+    ax2.yaxis.set_major_formatter(ScalarFormatter())  # the counts themselves, not 10^k
+    ax2.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(range(len(classes)))
     ax.set_xticklabels(classes, rotation=90, fontsize=7)
     ax.set_title(f"per-class {split} accuracy vs training count")
-    fig.tight_layout()
     fig.savefig(folder / "per_class_accuracy.png", dpi=100)
-    plt.close(fig)
 
     if confusion is not None:
-        fig, ax = plt.subplots(figsize=(6, 5))
+        fig = Figure(figsize=(6, 5))
+        fig.subplots_adjust(left=0.12, right=0.95, bottom=0.15, top=0.92)
+        ax = fig.add_subplot()
         im = ax.imshow(confusion, cmap="Blues")
         fig.colorbar(im, ax=ax)
         ax.set_xlabel("predicted")
@@ -265,9 +280,7 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
             ax.set_yticks(range(len(classes)))
             ax.set_yticklabels(classes, fontsize=7)
         ax.set_title(f"{split} confusion matrix")
-        fig.tight_layout()
         fig.savefig(folder / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
 
 
 def _fmt(v) -> str:
