@@ -37,6 +37,7 @@ def print_progress(metrics: dict, trainer) -> None:
 def cmd_train(args) -> int:
     from ltsearch.data import build_data
     from ltsearch.runconfig import dump_config, load_config, with_epochs
+    from ltsearch.metrics import describe_groups
     from ltsearch.trainer import Trainer, resolve_device
 
     cfg = load_config(args.config)
@@ -64,8 +65,10 @@ def cmd_train(args) -> int:
                                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    m = cfg.train.metrics
     print(f"data: {data.summary()}\nmethod: {cfg.method.label()}  model: {cfg.model.arch}  "
-          f"device: {trainer.device}  epochs: {trainer.total_epochs}", flush=True)
+          f"device: {trainer.device}  epochs: {trainer.total_epochs}\n"
+          f"{describe_groups(data.counts, m.many_threshold, m.few_threshold, m.groups)}", flush=True)
     if resumed:
         print(f"resumed from {checkpoint} at epoch {trainer.epoch}")
 
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int)
     s.add_argument("--max-concurrent", type=int)
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    s.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: Ray Tune's result tables too; -v -v: Ray's own log records too")
     s.add_argument("--no-tracking", action="store_true",
                    help="record only in the search folder (search.tracking: none)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")

@@ -246,6 +246,8 @@ class ModelConfig:
 
 @dataclass
 class MetricsConfig:
+    groups: Literal["thresholds", "thirds"] = spec("thresholds", doc="many/medium/few by the "
+                                                   "thresholds below, or thirds by training count")
     many_threshold: int = spec(100, ge=0, doc="many-shot: more than this many training images")
     few_threshold: int = spec(20, ge=0, doc="few-shot: fewer than this many training images")
 

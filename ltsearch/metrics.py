@@ -2,7 +2,9 @@
 
 Many / medium / few-shot accuracy follow Liu et al. (OLTR, CVPR 2019): the mean per-class
 accuracy over classes with more than ``many`` (100), between ``few`` and ``many`` (20–100), and
-fewer than ``few`` (20) training images.
+fewer than ``few`` (20) training images — the CIFAR- and ImageNet-LT convention. On other data
+those thresholds can leave groups empty (every class has more than 100 images), so the groups
+can instead be thirds of the classes by training count (``metrics.groups: thirds``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,15 @@ import torch
 SCALARS = ("top1", "balanced_acc", "many", "medium", "few")  # reported as val/… and test/…
 
 
-def shot_groups(counts, many: int = 100, few: int = 20) -> dict[str, list[int]]:
+def shot_groups(counts, many: int = 100, few: int = 20, groups: str = "thresholds") -> dict[str, list[int]]:
+    """Class indices per group. ``thirds``: the classes sorted by training count (ties by
+    index), the largest third many, the smallest third few (sizes differ by at most one)."""
+    if groups == "thirds":
+        order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+        k, r = divmod(len(order), 3)
+        a = k + (r > 0)
+        b = a + k + (r > 1)
+        return {"many": sorted(order[:a]), "medium": sorted(order[a:b]), "few": sorted(order[b:])}
     return {
         "many": [c for c, n in enumerate(counts) if n > many],
         "medium": [c for c, n in enumerate(counts) if few <= n <= many],
@@ -22,8 +32,16 @@ def shot_groups(counts, many: int = 100, few: int = 20) -> dict[str, list[int]]:
     }
 
 
+def describe_groups(counts, many: int = 100, few: int = 20, groups: str = "thresholds") -> str:
+    """Which split many/medium/few use, in words, with the class counts of each."""
+    sizes = {g: len(c) for g, c in shot_groups(counts, many, few, groups).items()}
+    how = ("thirds of the classes by training count" if groups == "thirds" else
+           f"training images > {many} / {few}–{many} / < {few}")
+    return f"many/medium/few: {how} ({sizes['many']}/{sizes['medium']}/{sizes['few']} classes)"
+
+
 def classification_metrics(y: torch.Tensor, pred: torch.Tensor, counts, many: int = 100,
-                           few: int = 20) -> dict:
+                           few: int = 20, groups: str = "thresholds") -> dict:
     """top1, balanced accuracy (mean per-class recall), shot groups, per-class accuracy and the
     confusion matrix (rows: true class, columns: predicted). One device→host copy."""
     C = len(counts)
@@ -36,7 +54,7 @@ def classification_metrics(y: torch.Tensor, pred: torch.Tensor, counts, many: in
         "top1": float(correct.sum() / support.sum()),
         "balanced_acc": float(per_class[present].mean()),
     }
-    for group, classes in shot_groups(counts, many, few).items():
+    for group, classes in shot_groups(counts, many, few, groups).items():
         vals = [float(per_class[c]) for c in classes if present[c]]
         out[group] = sum(vals) / len(vals) if vals else math.nan
     out["per_class"] = [float(v) for v in per_class]

@@ -210,7 +210,7 @@ class Trainer:
         start = time.perf_counter()
         m = self.cfg.train.metrics
         metrics = classification_metrics(images.y, self.predict(images), self.data.counts,
-                                         m.many_threshold, m.few_threshold)
+                                         m.many_threshold, m.few_threshold, m.groups)
         self.eval_seconds += time.perf_counter() - start
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 

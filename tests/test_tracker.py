@@ -65,10 +65,12 @@ def test_a_failed_tracking_call_reaches_the_caller_and_the_search_is_still_close
     assert inner.calls == [("start_trial", "a"), ("end_search", "failed")]
 
 
-def test_a_search_with_tracking_off_records_only_its_folder(tmp_path):
+def test_a_search_with_tracking_off_records_only_its_folder_and_talks_quietly(tmp_path):
+    """Tracking off; the output a person reads: a line per trial event, a progress line after
+    each trial's end, the leaderboard saying which shot split it uses — no Tune tables."""
     data = tiny_search(method={"ce": {}, "balanced_softmax": {}})
     data["search"].update(num_samples=2, asha={"enabled": False})
-    data["base"]["train"]["epochs"] = 2
+    data["base"]["train"].update(epochs=2, metrics={"groups": "thirds"})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
@@ -83,3 +85,12 @@ def test_a_search_with_tracking_off_records_only_its_folder(tmp_path):
     assert (tmp_path / "searches" / "s" / "best_config.yaml").is_file()
     assert not list(tmp_path.glob("mlflow*")) and "tracking: off" in out.stdout
     assert "MLflow" not in out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    for trial_id in trials:
+        assert sum(line.startswith(f"started  {trial_id}") for line in lines) == 1
+        assert sum(line.startswith(f"finished {trial_id}  after 2 of 2 epochs  val/balanced_acc")
+                   for line in lines) == 1
+    assert any("2/2 trials" in line and "best" in line for line in lines)
+    assert "many/medium/few: thirds of the classes by training count (4/3/3 classes)" in lines
+    assert len(lines) < 25 and "╭" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert out.stderr.strip() == "", out.stderr

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import make_config
 from ltsearch.cli import main
-from ltsearch.metrics import classification_metrics, shot_groups
+from ltsearch.metrics import classification_metrics, describe_groups, shot_groups
 from ltsearch.models import ImageClassifier, build_body
 from ltsearch.trainer import Trainer
 
@@ -82,6 +82,20 @@ def test_shot_groups_and_metrics():
     assert m["many"] == pytest.approx(0.75) and m["medium"] == pytest.approx(0.5)
     assert m["few"] == pytest.approx(0.75)
     assert m["confusion"][0] == [1, 1, 0, 0, 0, 0] and m["confusion"][5][0] == 1
+
+
+def test_shot_groups_by_thirds_fit_data_the_thresholds_do_not():
+    """Every class above 100 images: the thresholds put all in many; thirds split by count."""
+    counts = [900, 150, 400, 120, 2000, 101, 300]  # 7 classes: thirds of 3, 2, 2
+    assert shot_groups(counts) == {"many": list(range(7)), "medium": [], "few": []}
+    assert shot_groups(counts, groups="thirds") == {"many": [0, 2, 4], "medium": [1, 6], "few": [3, 5]}
+    assert shot_groups([5, 5, 5, 5], groups="thirds") == {"many": [0, 1], "medium": [2], "few": [3]}
+    y = torch.arange(7)
+    m = classification_metrics(y, torch.tensor([0, 1, 0, 3, 4, 0, 6]), counts, groups="thirds")
+    assert (m["many"], m["medium"], m["few"]) == (pytest.approx(2 / 3), 1.0, 0.5)
+    assert describe_groups(counts) == "many/medium/few: training images > 100 / 20–100 / < 20 (7/0/0 classes)"
+    assert describe_groups(counts, groups="thirds") == \
+        "many/medium/few: thirds of the classes by training count (3/2/2 classes)"
 
 
 def test_resnet32_shape_and_size():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 from ray.tune import Callback
 
@@ -91,3 +92,104 @@ class SearchCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED", error_text(trial))
+
+
+def _searched(trial_config: dict) -> str:
+    """The values Optuna chose for a trial, in a few words: ``lr 0.012, loss.name focal``."""
+    words = []
+    for key, value in trial_config.items():
+        if key == "method":
+            continue
+        name = key.split(".", 1)[1] if "." in key and not key.startswith("train.") else key
+        name = name.removeprefix("train.")
+        words.append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
+    return ", ".join(words)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class ProgressCallback(Callback):
+    """One line per trial event that matters (started, finished, pruned, failed) and a progress
+    line: trials done of the total, elapsed, an estimate of what is left, the best so far. On a
+    terminal the progress line is a bar redrawn in place; in a log it follows each trial's end."""
+
+    def __init__(self, folder: Path, space, out=None):
+        import sys
+
+        self.folder = Path(folder)
+        self.space = space
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.total = space.settings.num_samples
+        self.metric = space.settings.metric
+        self.began = time.monotonic()
+        self.drawn = 0.0
+        self.done_before = None  # trials that ended before this driver started (a resume)
+
+    def __getstate__(self):
+        return {**self.__dict__, "out": None}
+
+    def _counts(self) -> tuple[int, Optional[dict]]:
+        records = TrialRecords(self.folder).trials.values()
+        ended = [r for r in records if r["status"] not in ("RUNNING", "INTERRUPTED")]
+        best = None
+        for r in ended:
+            v = (r.get("metrics") or {}).get(self.metric)
+            if v is not None and (best is None or (v > best[0] if self.space.settings.mode == "max"
+                                                   else v < best[0])):
+                best = (v, r)
+        return len(ended), best
+
+    def _bar(self) -> str:
+        done, best = self._counts()
+        if self.done_before is None:
+            self.done_before = done
+        elapsed = time.monotonic() - self.began
+        here = done - self.done_before
+        left = f" · ~{_clock(elapsed / here * (self.total - done))} left" if 0 < here and done < self.total else ""
+        width = 20
+        filled = int(width * done / max(self.total, 1))
+        top = f" · best {best[0]:.3f} ({best[1]['method']} {best[1]['trial_id'][-8:]})" if best else ""
+        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} trials · " \
+               f"{_clock(elapsed)}{left}{top}"
+
+    def _say(self, line: str, bar: bool = False) -> None:
+        if self.tty:
+            self.out.write("\r\033[K" + line + "\n" + self._bar())
+        else:
+            self.out.write(line + "\n" + (self._bar() + "\n" if bar else ""))
+        self.out.flush()
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.tty and time.monotonic() - self.drawn >= 1.0:  # the clock moves on a terminal
+            self.drawn = time.monotonic()
+            self.out.write("\r\033[K" + self._bar())
+            self.out.flush()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        cfg = self.space.trial_config(trial.config)
+        chosen = _searched(trial.config)
+        self._say(f"started  {trial.trial_id[-8:]}  {self.space.label(cfg)}" + (f"  ({chosen})" if chosen else ""))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        status = finished_status(result)
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.3f}" if isinstance(value, (int, float)) else "no result"
+        word = "finished" if status == "COMPLETED" else "pruned  "
+        why = "" if status == "COMPLETED" else "  (ASHA: below its rung)"
+        self._say(f"{word} {trial.trial_id[-8:]}  after {result.get('epoch', 0)} of "
+                  f"{result.get('total_epochs', '?')} epochs  {shown}{why}", bar=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        epochs = (trial.last_result or {}).get("epoch", 0)
+        self._say(f"failed   {trial.trial_id[-8:]}  after {epochs} epochs: {error_text(trial) or 'see ray.log'}",
+                  bar=True)
+
+    def on_experiment_end(self, trials, **info):
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()

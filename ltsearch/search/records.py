@@ -95,7 +95,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def format_leaderboard(rows: list[dict], metric: str) -> str:
+def format_leaderboard(rows: list[dict], metric: str, groups: str = "") -> str:
+    """The table, then ``groups``: which many/medium/few split its columns use."""
     width = max([12] + [len(r["method"]) for r in rows])
     head = f"{'method':<{width}} {'trial':<10} {'status':<9} {'epochs':>6} {metric:>18} " \
            f"{'test top1':>9} {'many':>6} {'medium':>6} {'few':>6}"
@@ -109,7 +110,7 @@ def format_leaderboard(rows: list[dict], metric: str) -> str:
         lines.append(f"{r['method']:<{width}} {r['trial_id'][-10:]:<10} {r['status']:<9} "
                      f"{r.get('epochs', 0):>6} {f(m.get(metric), 18)} {f(m.get('test/top1'), 9)} "
                      f"{f(m.get('test/many'))} {f(m.get('test/medium'))} {f(m.get('test/few'))}")
-    return "\n".join(lines)
+    return "\n".join(lines + ([groups] if groups else []))
 
 
 def write_config(config: dict, path: Path) -> None:

@@ -84,10 +84,12 @@ def search_name(path: str | Path) -> str:
 
 def run_search(space, *, name: str, storage: str | Path = "searches", address: Optional[str] = None,
                tracking_uri: Optional[str] = None, resume: bool = False,
-               verbose: int = 1) -> SearchOutcome:
+               verbose: int = 0) -> SearchOutcome:
     """Check everything, prepare the folder and tracking, run, and always finish: whatever the
     ending, trials.json, the Optuna study and MLflow agree and nothing stays RUNNING. Raises
-    :class:`SearchStopped` after an interrupt or a driver error (the search is resumable)."""
+    :class:`SearchStopped` after an interrupt or a driver error (the search is resumable).
+    ``verbose``: 0 a line per trial event and a progress bar; 1 Tune's tables too; 2 Ray's own
+    log records too."""
     search = check_search(space, name, storage, tracking_uri, resume)
     prepare_search(search)
     ending, cause = "failed", None
@@ -124,10 +126,23 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
     settings = space.settings
-    data = build_data(config_from_dict(space.base).data)  # once, on the driver
+    base = config_from_dict(space.base)
+    data = build_data(base.data)  # once, on the driver
+    _warn_empty_groups(data.counts, base.train.metrics)
     tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
                            data.classes, data.counts, background=settings.background_tracking)
     return Search(space, name, folder, resume, data, tracker)
+
+
+def _warn_empty_groups(counts, m) -> None:
+    from ltsearch.metrics import describe_groups, shot_groups
+
+    empty = [g for g, c in shot_groups(counts, m.many_threshold, m.few_threshold, m.groups).items() if not c]
+    if empty:
+        log.warning("%s: %s empty on this data; `train: {metrics: {groups: thirds}}` splits the "
+                    "classes by training count", describe_groups(counts, m.many_threshold,
+                                                                  m.few_threshold, m.groups),
+                    " and ".join(empty))
 
 
 def prepare_search(search: Search) -> None:
@@ -187,17 +202,21 @@ def _tune(search: Search, verbose: int) -> str:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from ltsearch.search.callbacks import SearchCallback
+    from ltsearch.search.callbacks import ProgressCallback, SearchCallback
     from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
     from ltsearch.search.records import TrialRecords
     from ltsearch.search.trial import run_trial
 
     space, settings = search.space, search.space.settings
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
+    if verbose < 1:  # Tune's current console output prints its set-up even when told silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=search.data, space=space,
                              compile_cache=str(search.folder / COMPILE_CACHE)),
         {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
-    callbacks = [SearchCallback(search.folder, space, search.tracker)]
+    callbacks = [SearchCallback(search.folder, space, search.tracker),  # records first: the
+                 ProgressCallback(search.folder, space)]                  # progress reads them
     if search.resume:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
@@ -224,7 +243,7 @@ def _tune(search: Search, verbose: int) -> str:
                 scheduler=scheduler, reuse_actors=settings.reuse_workers),
             run_config=tune.RunConfig(
                 name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks,
-                verbose=verbose,
+                verbose=2 if verbose >= 1 else 0,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
@@ -274,6 +293,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished."""
     import optuna
 
+    from ltsearch.metrics import describe_groups
     from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
 
     settings = search.space.settings
@@ -297,7 +317,9 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         _set_optuna_state(search, open_optuna, optuna.trial.TrialState.WAITING)
 
     rows = records.leaderboard(settings.metric, settings.mode)
-    board = format_leaderboard(rows, settings.metric)
+    m = config_from_dict(search.space.base).train.metrics
+    board = format_leaderboard(rows, settings.metric, describe_groups(
+        search.data.counts, m.many_threshold, m.few_threshold, m.groups))
     (search.folder / "leaderboard.txt").write_text(board + "\n")
     records.write_csv(search.folder / "trials.csv")
     ranked = records.ranked(settings.metric, settings.mode)
@@ -332,7 +354,8 @@ def main_search(args) -> int:
     name = args.name or search_name(args.space)
     try:
         outcome = run_search(space, name=name, storage=args.storage, address=args.address,
-                             tracking_uri=args.tracking_uri, resume=args.resume)
+                             tracking_uri=args.tracking_uri, resume=args.resume,
+                             verbose=args.verbose)
     except SearchStopped as stop:
         _summary(stop.outcome, name, space)
         resume = f"ltsearch search {args.space} --resume" + (f" --name {args.name}" if args.name else "") + \

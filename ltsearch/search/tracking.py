@@ -31,6 +31,7 @@ TAG_PARENT = "mlflow.parentRunId"
 def prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per run
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its schema migrations
     if os.environ.pop("MLFLOW_EXPERIMENT_ID", None) is not None:
         log.warning("ignoring MLFLOW_EXPERIMENT_ID from the environment: ltsearch selects the "
                     "experiment by name (search.experiment)")
