@@ -104,8 +104,9 @@ def test_resume_after_sigkill(tmp_path):
     assert sum(r["status"] == "COMPLETED" for r in after.values()) == 4
     # a trial started after Ray's last snapshot cannot be resumed: it is closed as LOST
     assert all(r["status"] in ("COMPLETED", "LOST") for r in after.values())
-    for k, r in before.items():  # finished trials are kept as they were, not re-run
-        assert after[k]["metrics"] == r["metrics"]
+    numbers = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # not timings
+    for k, r in before.items():  # finished trials keep their results (Tune may re-run one it
+        assert numbers(after[k]["metrics"]) == numbers(r["metrics"])  # had not snapshotted)
     assert "best trial per method" in resumed.stdout
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = [t.state for t in study.trials]

@@ -145,8 +145,33 @@ def _warn_empty_groups(counts, m) -> None:
                     " and ".join(empty))
 
 
+def _catch_up_tracker(search: Search) -> None:
+    """On a resume, trials that ended in the records but whose tracker calls were lost (a
+    killed driver, a lost tracking server) are recorded again from Ray's per-epoch results."""
+    import json
+
+    from ltsearch.recipes import reported_metrics
+    from ltsearch.search.callbacks import tracked_metrics
+    from ltsearch.search.records import TrialRecords
+
+    part_metrics = reported_metrics()
+    for trial_id, r in TrialRecords(search.folder).trials.items():
+        if r["status"] not in ("COMPLETED", "PRUNED", "FAILED"):
+            continue  # resumed by Tune, or closed as LOST by the tracker's end
+        reports = []
+        for path in search.ray_dir.glob(f"*_{trial_id}_*/result.json"):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    result = json.loads(line)
+                    reports.append({"epoch": result.get("epoch", 0), "result": result,
+                                    "metrics": tracked_metrics(result, part_metrics)})
+        reports.sort(key=lambda x: x["epoch"])
+        search.tracker.catch_up(trial_id, r["method"], r["config"], r["status"], reports, r.get("error"))
+
+
 def prepare_search(search: Search) -> None:
-    """The search folder and the tracker's search record (reopened on resume)."""
+    """The search folder and the tracker's search record (reopened on resume, and brought up
+    to date with the records)."""
     search.folder.mkdir(parents=True, exist_ok=True)
     (search.folder / "search.yaml").write_text(_dump(search.space.source))
     settings = search.space.settings
@@ -155,6 +180,8 @@ def prepare_search(search: Search) -> None:
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
         "search.max_concurrent": settings.max_concurrent,
         "search.methods": ",".join(search.space.methods), "data": search.data.summary()})
+    if search.resume:
+        _catch_up_tracker(search)
 
 
 RAY_LOG = "ray.log"

@@ -39,6 +39,16 @@ class Tracker:
                   error: Optional[str] = None) -> None:
         """Close the trial's record; ``result`` is its last report (per-class lists included)."""
 
+    def catch_up(self, trial_id: str, label: str, config: dict, status: str, reports: list[dict],
+                 error: Optional[str] = None) -> None:
+        """Make the record of a trial that ended agree with the search folder: on a resume after
+        the driver or the tracking server was lost with calls still queued. ``reports``: each
+        epoch's scalar metrics with its ``epoch``, then the last report in full."""
+        self.start_trial(trial_id, label, config)
+        for report in reports:
+            self.log(trial_id, int(report.get("epoch", 0)), report["metrics"])
+        self.end_trial(trial_id, status, config, reports[-1]["result"] if reports else {}, error)
+
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
         """Close the search's record and every trial record still open."""
 
@@ -95,6 +105,9 @@ class BackgroundTracker(Tracker):
 
     def end_trial(self, *args, **kwargs) -> None:
         self._put(lambda *a: self.inner.end_trial(*a, **kwargs), *args)
+
+    def catch_up(self, *args) -> None:
+        self._put(self.inner.catch_up, *args)
 
     def drain(self) -> None:
         """Wait until every queued call has run; raise the first error."""

@@ -170,11 +170,21 @@ class MLflowTracker(Tracker):
             self.parent = run.info.run_id
             _log_params(client, self.parent, params)
 
-    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
-        client = self.client
-        found = client.search_runs(
+    def _find(self, trial_id: str) -> list:
+        return self.client.search_runs(
             [self.exp_id], f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{self.parent}'",
             max_results=1)
+
+    def catch_up(self, trial_id: str, label: str, config: dict, status: str, reports: list[dict],
+                 error: Optional[str] = None) -> None:
+        found = self._find(trial_id)
+        if found and found[0].info.status == RUN_STATUS[status]:  # already agrees
+            return
+        super().catch_up(trial_id, label, config, status, reports, error)
+
+    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
+        client = self.client
+        found = self._find(trial_id)
         if found:  # a resumed search: the run reopens, and epochs it holds are not logged twice
             run_id = found[0].info.run_id
             client.update_run(run_id, status="RUNNING")
