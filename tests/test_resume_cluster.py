@@ -70,6 +70,15 @@ def _mlflow_up(port: int) -> bool:
         return False
 
 
+def _search_cmd(tmp_path: Path, data: dict, name: str, uri: str) -> tuple[list[str], Path]:
+    """The search file written, the `ltsearch search` command for it, and its folder."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
+           "--name", name, "--tracking-uri", uri]
+    return cmd, tmp_path / "searches" / name
+
+
 def _trials(folder: Path) -> dict:
     try:
         return json.loads((folder / "trials.json").read_text())
@@ -80,11 +89,7 @@ def _trials(folder: Path) -> dict:
 def test_resume_after_sigkill(tmp_path):
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
     data["search"].update(num_samples=4, max_concurrent=1, asha={"enabled": False})
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data))
-    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
-           "--name", "r", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    folder = tmp_path / "searches" / "r"
+    cmd, folder = _search_cmd(tmp_path, data, "r", f"sqlite:///{tmp_path / 'mlflow.db'}")
     driver = _start(cmd, tmp_path / "first.log")
     try:
         _wait(lambda: sum(r["status"] == "COMPLETED" for r in _trials(folder).values()) >= 2
@@ -155,13 +160,9 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
         data["base"]["train"]["epochs"] = 8
         data["search"].update(num_samples=4, max_concurrent=2, asha={"enabled": False},
                               checkpoint_every=1, max_failures=2)
-        path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump(data))
         uri = f"http://127.0.0.1:{mlflow_port}"
-        folder = tmp_path / "s" / "c"
-        driver = _start([str(BIN / "ltsearch"), "search", str(path), "--address", address,
-                         "--tracking-uri", uri, "--storage", str(tmp_path / "s"), "--name", "c"],
-                        tmp_path / "driver.log")
+        cmd, folder = _search_cmd(tmp_path, data, "c", uri)
+        driver = _start(cmd + ["--address", address], tmp_path / "driver.log")
         procs.append(driver)
 
         def both_nodes_mid_trial():
@@ -202,12 +203,8 @@ def test_ctrl_c_then_resume(tmp_path):
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
     data["base"]["train"]["epochs"] = 4
     data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
-           "--name", "i", "--tracking-uri", uri]
-    folder = tmp_path / "searches" / "i"
+    cmd, folder = _search_cmd(tmp_path, data, "i", uri)
     driver = _start(cmd, tmp_path / "first.log")
     try:
         _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
@@ -258,12 +255,8 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
 
     data = tiny_search(method={"ce": {}})
     data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False})
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data))
     uri = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
-           "--name", "t", "--tracking-uri", uri]
-    folder = tmp_path / "searches" / "t"
+    cmd, folder = _search_cmd(tmp_path, data, "t", uri)
     env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:

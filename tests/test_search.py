@@ -65,6 +65,13 @@ def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
         optuna.trial.TrialState.FAIL)
 
 
+def _child_runs(outcome, where: str = ""):
+    """The client and the trial runs under the search's parent run (``where``: more filter)."""
+    client = MlflowClient(outcome.tracking_uri)
+    exp = client.get_run(outcome.parent_run_id).info.experiment_id
+    return client, client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'" + where)
+
+
 def test_failed_trial_is_marked_and_search_completes(search):
     outcome, _, _ = search
     failed = [r for r in outcome.records.trials.values() if r["status"] == "FAILED"]
@@ -122,9 +129,7 @@ def test_export_and_train_reproduce_the_best_trial(search, tmp_path):
 
 def test_feature_aug_trials_and_runs(search):
     outcome, _, _ = search
-    client = MlflowClient(outcome.tracking_uri)
-    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}' and tags.method = 'feature_aug'")
+    client, runs = _child_runs(outcome, " and tags.method = 'feature_aug'")
     assert runs
     for r in runs:
         assert float(r.data.params["method.stage2.tau_g"]) < float(r.data.params["method.stage2.tau_s"])
@@ -141,9 +146,7 @@ def test_bbn_trials_with_different_schedules(ray_local, tmp_path):
     data["search"].update(num_samples=4, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="bbn", storage=tmp_path / "s",
                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
-    client = MlflowClient(outcome.tracking_uri)
-    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    client, runs = _child_runs(outcome)
     assert len(runs) == 4 and all(r.data.tags["method"] == "bbn" for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
     schedules = {r.data.params["method.arch.schedule"] for r in runs}
@@ -167,9 +170,7 @@ def test_search_over_parts_names_composed_trials(ray_local, tmp_path):
     data["search"].update(num_samples=3, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="parts", storage=tmp_path / "s",
                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
-    client = MlflowClient(outcome.tracking_uri)
-    runs = client.search_runs([client.get_run(outcome.parent_run_id).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    client, runs = _child_runs(outcome)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
         p = r.data.params

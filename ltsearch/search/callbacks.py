@@ -8,6 +8,7 @@ search's time can be accounted for.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,18 +36,21 @@ class SearchCallback(Callback):
         self.tracker = tracker
         self.part_metrics = reported_metrics()
         self.started: set[str] = set()  # trials the tracker has opened in this driver
+        self.configs: dict[str, dict] = {}  # trial id → its full config (built once)
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; a restore replaces them
         return {"folder": self.folder, "space": self.space, "tracker": Tracker(),
-                "part_metrics": self.part_metrics, "started": set()}
+                "part_metrics": self.part_metrics, "started": set(), "configs": {}}
 
     def _records(self) -> TrialRecords:
         return TrialRecords(self.folder)
 
     def _config(self, trial) -> dict:
-        return self.space.trial_config(trial.config)
+        if trial.trial_id not in self.configs:
+            self.configs[trial.trial_id] = self.space.trial_config(trial.config)
+        return self.configs[trial.trial_id]
 
-    def _open(self, trial, records: TrialRecords) -> None:
+    def _open(self, trial) -> None:
         """Opens the tracker's record of a trial once per driver (a restored trial may report
         before a start event)."""
         if trial.trial_id not in self.started:
@@ -63,7 +67,7 @@ class SearchCallback(Callback):
         cfg = self._config(trial)
         rec = self._records()
         old = rec.trials.get(trial.trial_id, {})
-        self._open(trial, rec)
+        self._open(trial)
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
@@ -72,7 +76,7 @@ class SearchCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         began = time.perf_counter()
         rec = self._records()
-        self._open(trial, rec)
+        self._open(trial)
         self.tracker.log(trial.trial_id, int(result.get("epoch", 0)),
                          tracked_metrics(result, self.part_metrics))
         self._timed(rec, trial.trial_id, began, epochs=result.get("epoch"),
@@ -82,7 +86,7 @@ class SearchCallback(Callback):
     def _end(self, trial, status: str, error=None) -> None:
         began = time.perf_counter()
         rec = self._records()
-        self._open(trial, rec)
+        self._open(trial)
         self.tracker.end_trial(trial.trial_id, status, self._config(trial), trial.last_result or {},
                                error)
         self._timed(rec, trial.trial_id, began, status=status, error=error, ended_at=time.time())
@@ -117,8 +121,6 @@ class ProgressCallback(Callback):
     terminal the progress line is a bar redrawn in place; in a log it follows each trial's end."""
 
     def __init__(self, folder: Path, space, out=None):
-        import sys
-
         self.folder = Path(folder)
         self.space = space
         self.out = out or sys.stdout

@@ -59,6 +59,7 @@ class Search:
     resume: bool
     data: object
     tracker: object  # a search.tracker.Tracker
+    groups: str  # which many/medium/few split the metrics use, in words
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
 
     @property
@@ -110,6 +111,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     """Every check that needs no run: the folder, the tracking store, the data (the search file
     itself was checked when it was read). Writes nothing."""
     from ltsearch.data import build_data
+    from ltsearch.metrics import describe_groups, shot_groups
     from ltsearch.search.tracker import make_tracker
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -128,21 +130,16 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     settings = space.settings
     base = config_from_dict(space.base)
     data = build_data(base.data)  # once, on the driver
-    _warn_empty_groups(data.counts, base.train.metrics)
-    tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
-                           data.classes, data.counts, background=settings.background_tracking)
-    return Search(space, name, folder, resume, data, tracker)
-
-
-def _warn_empty_groups(counts, m) -> None:
-    from ltsearch.metrics import describe_groups, shot_groups
-
-    empty = [g for g, c in shot_groups(counts, m.many_threshold, m.few_threshold, m.groups).items() if not c]
+    m = base.train.metrics
+    split = (m.many_threshold, m.few_threshold, m.groups)
+    groups = describe_groups(data.counts, *split)
+    empty = [g for g, classes in shot_groups(data.counts, *split).items() if not classes]
     if empty:
         log.warning("%s: %s empty on this data; `train: {metrics: {groups: thirds}}` splits the "
-                    "classes by training count", describe_groups(counts, m.many_threshold,
-                                                                  m.few_threshold, m.groups),
-                    " and ".join(empty))
+                    "classes by training count", groups, " and ".join(empty))
+    tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
+                           data.classes, data.counts, background=settings.background_tracking)
+    return Search(space, name, folder, resume, data, tracker, groups)
 
 
 def _catch_up_tracker(search: Search) -> None:
@@ -320,7 +317,6 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished."""
     import optuna
 
-    from ltsearch.metrics import describe_groups
     from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
 
     settings = search.space.settings
@@ -344,9 +340,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         _set_optuna_state(search, open_optuna, optuna.trial.TrialState.WAITING)
 
     rows = records.leaderboard(settings.metric, settings.mode)
-    m = config_from_dict(search.space.base).train.metrics
-    board = format_leaderboard(rows, settings.metric, describe_groups(
-        search.data.counts, m.many_threshold, m.few_threshold, m.groups))
+    board = format_leaderboard(rows, settings.metric, search.groups)
     (search.folder / "leaderboard.txt").write_text(board + "\n")
     records.write_csv(search.folder / "trials.csv")
     ranked = records.ranked(settings.metric, settings.mode)

@@ -103,8 +103,8 @@ class BackgroundTracker(Tracker):
     def log(self, *args) -> None:
         self._put(self.inner.log, *args)
 
-    def end_trial(self, *args, **kwargs) -> None:
-        self._put(lambda *a: self.inner.end_trial(*a, **kwargs), *args)
+    def end_trial(self, *args) -> None:
+        self._put(self.inner.end_trial, *args)
 
     def catch_up(self, *args) -> None:
         self._put(self.inner.catch_up, *args)
