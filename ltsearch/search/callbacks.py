@@ -135,15 +135,13 @@ class ProgressCallback(Callback):
         return {**self.__dict__, "out": None}
 
     def _counts(self) -> tuple[int, Optional[dict]]:
-        records = TrialRecords(self.folder).trials.values()
-        ended = [r for r in records if r["status"] not in ("RUNNING", "INTERRUPTED")]
-        best = None
-        for r in ended:
-            v = (r.get("metrics") or {}).get(self.metric)
-            if v is not None and (best is None or (v > best[0] if self.space.settings.mode == "max"
-                                                   else v < best[0])):
-                best = (v, r)
-        return len(ended), best
+        """Trials ended so far, and the best of them by the search's metric."""
+        records = TrialRecords(self.folder)
+        ongoing = ("RUNNING", "INTERRUPTED")
+        ended = sum(r["status"] not in ongoing for r in records.trials.values())
+        ranked = [r for r in records.ranked(self.metric, self.space.settings.mode, completed_only=False)
+                  if r["status"] not in ongoing]
+        return ended, (ranked[0] if ranked else None)
 
     def _bar(self) -> str:
         done, best = self._counts()
@@ -154,7 +152,8 @@ class ProgressCallback(Callback):
         left = f" · ~{_clock(elapsed / here * (self.total - done))} left" if 0 < here and done < self.total else ""
         width = 20
         filled = int(width * done / max(self.total, 1))
-        top = f" · best {best[0]:.3f} ({best[1]['method']} {best[1]['trial_id'][-8:]})" if best else ""
+        top = (f" · best {best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})"
+               if best else "")
         return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} trials · " \
                f"{_clock(elapsed)}{left}{top}"
 
