@@ -1,4 +1,4 @@
-"""``ltsearch train | search | export``: one entry point; bad input exits 2 with one message."""
+"""``ltsearch train | search | confirm | export | report``: one entry point; bad input exits 2 with one message."""
 from __future__ import annotations
 
 import argparse
@@ -96,10 +96,22 @@ def cmd_search(args) -> int:
     return main_search(args)
 
 
+def cmd_confirm(args) -> int:
+    from ltsearch.search.confirm import main_confirm
+
+    return main_confirm(args)
+
+
 def cmd_export(args) -> int:
     from ltsearch.search.export import main_export
 
     return main_export(args)
+
+
+def cmd_report(args) -> int:
+    from ltsearch.search.report import main_report
+
+    return main_report(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,13 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tracking", action="store_true",
                    help="record only in the search folder (search.tracking: none)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    s.add_argument("--confirm", metavar="TOP:SEEDS", help="then re-train the TOP best configs with "
+                   "SEEDS fresh seeds each (search.confirm)")
     s.set_defaults(fn=cmd_search)
+
+    c = sub.add_parser("confirm", help="re-train a finished search's best configs with fresh seeds")
+    c.add_argument("search_dir")
+    c.add_argument("--top", type=int, default=3, help="how many of the best configs (default 3)")
+    c.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
+    c.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    c.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
+    c.add_argument("--no-tracking", action="store_true", help="record only in the search folder")
+    c.add_argument("-v", "--verbose", action="count", default=0)
+    c.set_defaults(fn=cmd_confirm)
 
     e = sub.add_parser("export", help="export the top configs of a search")
     e.add_argument("search_dir")
     e.add_argument("--top", type=int, default=1)
+    e.add_argument("--pareto", action="store_true", help="the Pareto set over search.objectives "
+                   "instead of the top configs")
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("report", help="write a search's report page (SEARCH_DIR/report.html)")
+    r.add_argument("search_dir")
+    r.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
+    r.add_argument("--no-tracking", action="store_true", help="do not attach the report to the search's run")
+    r.set_defaults(fn=cmd_report)
     return p
 
 

@@ -49,12 +49,10 @@ def run(space: Path, settings: dict, folder: Path) -> dict:
 
 def analyse(search_dir: Path) -> dict:
     """Per trial, from trials.json (the driver's view) and Ray's result.json (the trial's)."""
+    from ltsearch.search.results import read_reports
+
     records = json.loads((search_dir / "trials.json").read_text())
-    rows: dict[str, list[dict]] = {}
-    for f in (search_dir / "ray").glob("*/result.json"):
-        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        if lines:
-            rows[lines[0]["trial_id"]] = lines
+    rows = read_reports(search_dir)
     trials = []
     for trial_id, r in records.items():
         reports = rows.get(trial_id, [])

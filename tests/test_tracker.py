@@ -26,7 +26,7 @@ class ListTracker(Tracker):
             raise ConnectionError(f"{call[0]} lost")
         self.calls.append(call)
 
-    def start_trial(self, trial_id, label, config):
+    def start_trial(self, trial_id, label, config, tags=None):
         self._keep("start_trial", trial_id)
 
     def log(self, trial_id, step, metrics):

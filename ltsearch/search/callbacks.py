@@ -17,9 +17,25 @@ from ray.tune import Callback
 
 from ltsearch.recipes import reported_metrics
 from ltsearch.search.records import TrialRecords, error_text, finished_status, scalars
+from ltsearch.search.space import CONFIRM_OF, SEED
 from ltsearch.search.tracker import Tracker
 
 TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs
+
+
+def confirmation(trial_config: dict) -> dict:
+    """A confirmation trial's record fields (the trial it confirms, its seed); {} for others."""
+    if CONFIRM_OF not in trial_config:
+        return {}
+    return {CONFIRM_OF: trial_config[CONFIRM_OF], SEED: trial_config[SEED]}
+
+
+def tracker_tags(record: dict) -> dict:
+    """Tags of a trial's tracking record: confirmation runs say so, and which trial and seed."""
+    if not record.get(CONFIRM_OF):
+        return {}
+    return {"ltsearch.role": "confirmation", "ltsearch.confirm_of": record[CONFIRM_OF],
+            "ltsearch.seed": str(record[SEED])}
 
 
 def tracked_metrics(result: dict, part_metrics) -> dict:
@@ -56,7 +72,8 @@ class SearchCallback(Callback):
         if trial.trial_id not in self.started:
             self.started.add(trial.trial_id)
             cfg = self._config(trial)
-            self.tracker.start_trial(trial.trial_id, self.space.label(cfg), cfg)
+            self.tracker.start_trial(trial.trial_id, self.space.label(cfg), cfg,
+                                     tracker_tags(confirmation(trial.config)))
 
     def _timed(self, records: TrialRecords, trial_id: str, began: float, **fields) -> None:
         old = records.trials.get(trial_id, {}).get("driver_s", 0.0)
@@ -71,7 +88,7 @@ class SearchCallback(Callback):
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
-                    started_at=time.time())
+                    started_at=time.time(), params=dict(trial.config), **confirmation(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         began = time.perf_counter()
@@ -120,12 +137,14 @@ class ProgressCallback(Callback):
     line: trials done of the total, elapsed, an estimate of what is left, the best so far. On a
     terminal the progress line is a bar redrawn in place; in a log it follows each trial's end."""
 
-    def __init__(self, folder: Path, space, out=None):
+    def __init__(self, folder: Path, space, out=None, confirming: bool = False):
         self.folder = Path(folder)
         self.space = space
         self.out = out or sys.stdout
         self.tty = self.out.isatty()
-        self.total = space.settings.num_samples
+        self.confirming = confirming  # counts the confirmation runs, not the search's trials
+        confirm = space.settings.confirm
+        self.total = confirm.top * confirm.seeds if confirming else space.settings.num_samples
         self.metric = space.settings.metric
         self.began = time.monotonic()
         self.drawn = 0.0
@@ -138,7 +157,11 @@ class ProgressCallback(Callback):
         """Trials ended so far, and the best of them by the search's metric."""
         records = TrialRecords(self.folder)
         ongoing = ("RUNNING", "INTERRUPTED")
-        ended = sum(r["status"] not in ongoing for r in records.trials.values())
+        ended = sum(r["status"] not in ongoing for r in records.trials.values()
+                    if bool(r.get(CONFIRM_OF)) == self.confirming)
+        if self.confirming:
+            confirmed = records.confirmed(self.metric, self.space.settings.mode)
+            return ended, (confirmed[0] if confirmed else None)
         ranked = [r for r in records.ranked(self.metric, self.space.settings.mode, completed_only=False)
                   if r["status"] not in ongoing]
         return ended, (ranked[0] if ranked else None)
@@ -152,9 +175,12 @@ class ProgressCallback(Callback):
         left = f" · ~{_clock(elapsed / here * (self.total - done))} left" if 0 < here and done < self.total else ""
         width = 20
         filled = int(width * done / max(self.total, 1))
-        top = (f" · best {best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})"
-               if best else "")
-        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} trials · " \
+        if best and self.confirming:
+            top = f" · best mean {best['mean']:.3f} ± {best['std']:.3f} ({best['method']} {best['trial_id'][-8:]})"
+        else:
+            top = f" · best {best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})" if best else ""
+        what = "confirmation runs" if self.confirming else "trials"
+        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {what} · " \
                f"{_clock(elapsed)}{left}{top}"
 
     def _say(self, line: str, bar: bool = False) -> None:
@@ -172,7 +198,9 @@ class ProgressCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         cfg = self.space.trial_config(trial.config)
-        chosen = _searched(trial.config)
+        confirms = confirmation(trial.config)
+        chosen = (f"confirms {confirms[CONFIRM_OF]} with seed {confirms[SEED]}" if confirms
+                  else _searched(trial.config))
         self._say(f"started  {trial.trial_id[-8:]}  {self.space.label(cfg)}" + (f"  ({chosen})" if chosen else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -1,26 +1,35 @@
-"""``ltsearch export``: the top-K configs of a search (trials that ran to the end) and a CSV of
-all trials, read from the search folder alone (no Ray, no MLflow needed)."""
+"""``ltsearch export``: the top-K configs of a search (confirmed configs first, by their mean
+over fresh seeds, then trials that ran to the end), or its Pareto set over ``search.objectives``,
+and a CSV of all trials, read from the search folder alone (no Ray, no MLflow needed)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import yaml
 
 from ltsearch.config import ConfigError
 from ltsearch.search.records import TRIALS_FILE, TrialRecords, write_config
 
 
-def export_search(search_dir: Path, top: int, out: Path) -> list[Path]:
+def export_search(search_dir: Path, top: int, out: Path, pareto: bool = False) -> list[Path]:
+    from ltsearch.search.space import load_search_file
+
     search_dir = Path(search_dir)
     if not (search_dir / TRIALS_FILE).is_file():
         raise ConfigError("search_dir", f"{search_dir} holds no {TRIALS_FILE}: not a search folder")
-    settings = (yaml.safe_load((search_dir / "search.yaml").read_text()) or {}).get("search") or {}
-    metric, mode = settings.get("metric", "val/balanced_acc"), settings.get("mode", "max")
+    settings = load_search_file(search_dir / "search.yaml").settings
     records = TrialRecords(search_dir)
+    if pareto:
+        if not settings.objectives:
+            raise ConfigError("--pareto", f"the search in {search_dir} has one objective "
+                                          f"({settings.metric}); search.objectives names two or more")
+        chosen = [("pareto", r) for r in records.pareto(settings.objectives, settings.mode)]
+    else:
+        confirmed = [records.trials[c["trial_id"]] for c in records.confirmed(settings.metric, settings.mode)]
+        rest = [r for r in records.ranked(settings.metric, settings.mode) if r not in confirmed]
+        chosen = [("top", r) for r in (confirmed + rest)[:top]]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for rank, r in enumerate(records.ranked(metric, mode)[:top], start=1):
-        path = out / f"top{rank}_{r['method']}_{r['trial_id']}.yaml"
+    for rank, (kind, r) in enumerate(chosen, start=1):
+        path = out / f"{kind}{rank}_{r['method']}_{r['trial_id']}.yaml"
         write_config(r["config"], path)
         written.append(path)
     records.write_csv(out / "trials.csv")
@@ -30,7 +39,7 @@ def export_search(search_dir: Path, top: int, out: Path) -> list[Path]:
 def main_export(args) -> int:
     if args.top < 1:
         raise ConfigError("--top", f"must be >= 1, got {args.top}")
-    written = export_search(Path(args.search_dir), args.top, Path(args.out))
+    written = export_search(Path(args.search_dir), args.top, Path(args.out), args.pareto)
     for p in written:
         print(p)
     print(Path(args.out) / "trials.csv")

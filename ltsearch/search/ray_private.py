@@ -21,6 +21,8 @@ def prune_aware_optuna():
         reported there too."""
 
         def _report(self, trial_id, result):
+            if isinstance(self.metric, list):  # Optuna takes no intermediate values of a
+                return                         # multi-objective trial
             value, epoch = result.get(self.metric), result.get("epoch")
             steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
             if value is not None and epoch is not None and epoch not in steps:

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -51,32 +52,88 @@ class TrialRecords:
         self.save()
 
     def ranked(self, metric: str, mode: str, completed_only: bool = True) -> list[dict]:
-        rows = [r for r in self.trials.values()
-                if (not completed_only or r["status"] == "COMPLETED") and _finite(r["metrics"].get(metric))]
+        """The search's trials (not confirmation runs) by ``metric``, best first."""
+        rows = [r for r in self.trials.values() if not r.get("confirm_of")
+                and (not completed_only or r["status"] == "COMPLETED") and _finite(r["metrics"].get(metric))]
         return sorted(rows, key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+
+    def confirmed(self, metric: str, mode: str) -> list[dict]:
+        """Per confirmed trial, its confirmation runs that ran to the end: ``mean`` and ``std``
+        (sample, 0 for one seed) of ``metric`` over ``n`` seeds, and the same of test top-1;
+        best mean first."""
+        runs: dict[str, list[dict]] = {}
+        for r in self.trials.values():
+            if r.get("confirm_of") and r["status"] == "COMPLETED" and _finite(r["metrics"].get(metric)):
+                runs.setdefault(r["confirm_of"], []).append(r)
+        out = []
+        for trial_id, rows in runs.items():
+            values = [r["metrics"][metric] for r in rows]
+            tests = [r["metrics"]["test/top1"] for r in rows if _finite(r["metrics"].get("test/top1"))]
+            out.append({"trial_id": trial_id, "method": rows[0]["method"], "config": self.trials[trial_id]["config"],
+                        "n": len(values), "mean": statistics.mean(values), "std": _std(values),
+                        "seeds": sorted(r["seed"] for r in rows), "test_mean": statistics.mean(tests) if tests else None,
+                        "test_std": _std(tests) if tests else None})
+        return sorted(out, key=lambda c: c["mean"], reverse=(mode == "max"))
+
+    def best_config(self, metric: str, mode: str) -> Optional[dict]:
+        """The config to train: the best confirmed mean where there are confirmation runs,
+        else the best trial that ran to the end."""
+        confirmed = self.confirmed(metric, mode)
+        if confirmed:
+            return confirmed[0]["config"]
+        ranked = self.ranked(metric, mode)
+        return ranked[0]["config"] if ranked else None
+
+    def pareto(self, objectives: list[str], mode: str) -> list[dict]:
+        """The search's trials that ran to the end and that no other such trial beats on every
+        objective (each objective following ``mode``), by the first objective, best first."""
+        rows = [r for r in self.ranked(objectives[0], mode)
+                if all(_finite(r["metrics"].get(m)) for m in objectives)]
+        points = [[r["metrics"][m] for m in objectives] for r in rows]
+        return [rows[i] for i in sorted(pareto_front(points, mode == "max"))]
 
     def leaderboard(self, metric: str, mode: str) -> list[dict]:
         """The best trial per recipe (its preset, or its parts if composed freely) by ``metric``
-        (completed trials first, then any)."""
+        (completed trials first, then any). Confirmed trials come first, each of them, by their
+        confirmed mean."""
         best: dict[str, dict] = {}
         for r in self.ranked(metric, mode, completed_only=False):
             cur = best.get(r["method"])
             if cur is None or (cur["status"] != "COMPLETED" and r["status"] == "COMPLETED"):
                 best[r["method"]] = r
-        return sorted(best.values(), key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+        confirmed = [self.trials[c["trial_id"]] for c in self.confirmed(metric, mode)]
+        rest = sorted((r for r in best.values() if r not in confirmed),
+                      key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
+        return confirmed + rest
 
     def write_csv(self, path: Path) -> None:
         keys = sorted({k for r in self.trials.values() for k in flatten(r["config"])})
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["trial_id", "method", "status", "epochs", "total_epochs", "node_id",
-                        *SCALAR_METRICS, *keys])
+                        "confirm_of", "seed", *SCALAR_METRICS, *keys])
             for r in self.trials.values():
                 flat = flatten(r["config"])
                 w.writerow([r["trial_id"], r["method"], r["status"], r.get("epochs"),
-                            r.get("total_epochs"), r.get("node_id"),
+                            r.get("total_epochs"), r.get("node_id"), r.get("confirm_of"), r.get("seed"),
                             *[r["metrics"].get(m) for m in SCALAR_METRICS],
                             *[flat.get(k) for k in keys]])
+
+
+def pareto_front(points: list[list[float]], maximize: bool = True) -> list[int]:
+    """Indices of the points that no other point dominates (as good on every coordinate and
+    better on one); equal points are all kept."""
+    sign = 1.0 if maximize else -1.0
+    pts = [[sign * v for v in p] for p in points]
+
+    def dominates(q, p):
+        return all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p))
+
+    return [i for i, p in enumerate(pts) if not any(dominates(q, p) for q in pts)]
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _finite(v) -> bool:
@@ -95,11 +152,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def format_leaderboard(rows: list[dict], metric: str, groups: str = "") -> str:
-    """The table, then ``groups``: which many/medium/few split its columns use."""
+def format_leaderboard(rows: list[dict], metric: str, groups: str = "",
+                       confirmed: Optional[list[dict]] = None) -> str:
+    """The table, then ``groups``: which many/medium/few split its columns use. With
+    ``confirmed`` (:meth:`TrialRecords.confirmed`), a column of each trial's mean ± std over
+    its confirmation seeds."""
     width = max([12] + [len(r["method"]) for r in rows])
+    by_trial = {c["trial_id"]: c for c in confirmed or []}
     head = f"{'method':<{width}} {'trial':<10} {'status':<9} {'epochs':>6} {metric:>18} " \
-           f"{'test top1':>9} {'many':>6} {'medium':>6} {'few':>6}"
+           f"{'test top1':>9} {'many':>6} {'medium':>6} {'few':>6}" + \
+           (f"  {'confirmed mean ± std (seeds)':>28}" if by_trial else "")
     lines = [head, "-" * len(head)]
 
     def f(v, w=6):
@@ -107,9 +169,12 @@ def format_leaderboard(rows: list[dict], metric: str, groups: str = "") -> str:
 
     for r in rows:
         m = r["metrics"]
+        c = by_trial.get(r["trial_id"])
+        shown = f"{c['mean']:.3f} ± {c['std']:.3f} ({c['n']})" if c else "-"
         lines.append(f"{r['method']:<{width}} {r['trial_id'][-10:]:<10} {r['status']:<9} "
                      f"{r.get('epochs', 0):>6} {f(m.get(metric), 18)} {f(m.get('test/top1'), 9)} "
-                     f"{f(m.get('test/many'))} {f(m.get('test/medium'))} {f(m.get('test/few'))}")
+                     f"{f(m.get('test/many'))} {f(m.get('test/medium'))} {f(m.get('test/few'))}"
+                     + (f"  {shown:>28}" if by_trial else ""))
     return "\n".join(lines + ([groups] if groups else []))
 
 

@@ -38,6 +38,7 @@ class SearchOutcome:
     tracking_uri: str
     ending: str = "finished"  # finished | interrupted | failed
     tracking: str = ""  # where to look: one line
+    report: Optional[Path] = None  # report.html
 
 
 class SearchStopped(Exception):
@@ -85,17 +86,19 @@ def search_name(path: str | Path) -> str:
 
 def run_search(space, *, name: str, storage: str | Path = "searches", address: Optional[str] = None,
                tracking_uri: Optional[str] = None, resume: bool = False,
-               verbose: int = 0) -> SearchOutcome:
+               verbose: int = 0, confirm_only: bool = False) -> SearchOutcome:
     """Check everything, prepare the folder and tracking, run, and always finish: whatever the
     ending, trials.json, the Optuna study and MLflow agree and nothing stays RUNNING. Raises
     :class:`SearchStopped` after an interrupt or a driver error (the search is resumable).
     ``verbose``: 0 a line per trial event and a progress bar; 1 Tune's tables too; 2 Ray's own
-    log records too."""
-    search = check_search(space, name, storage, tracking_uri, resume)
+    log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``)."""
+    search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
+    if confirm_only:
+        _check_finished(search)
     prepare_search(search)
     ending, cause = "failed", None
     try:
-        ending = execute_search(search, address, verbose)
+        ending = execute_search(search, address, verbose, confirm_only)
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before Tune's handler is set
         ending, cause = "interrupted", e
     except Exception as e:
@@ -105,6 +108,16 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if ending != "finished":
         raise SearchStopped(outcome, cause)
     return outcome
+
+
+def _check_finished(search: Search) -> None:
+    from ltsearch.search.records import TrialRecords
+
+    trials = [r for r in TrialRecords(search.folder).trials.values() if not r.get("confirm_of")]
+    if len(trials) < search.space.settings.num_samples or any(
+            r["status"] in ("RUNNING", "INTERRUPTED") for r in trials):
+        raise ConfigError("search_dir", f"the search in {search.folder} has not finished: continue "
+                                        "it with `ltsearch search FILE --resume` first")
 
 
 def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
@@ -145,25 +158,20 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
 def _catch_up_tracker(search: Search) -> None:
     """On a resume, trials that ended in the records but whose tracker calls were lost (a
     killed driver, a lost tracking server) are recorded again from Ray's per-epoch results."""
-    import json
-
     from ltsearch.recipes import reported_metrics
-    from ltsearch.search.callbacks import tracked_metrics
+    from ltsearch.search.callbacks import tracked_metrics, tracker_tags
     from ltsearch.search.records import TrialRecords
+    from ltsearch.search.results import read_reports
 
     part_metrics = reported_metrics()
+    all_reports = read_reports(search.folder)
     for trial_id, r in TrialRecords(search.folder).trials.items():
         if r["status"] not in ("COMPLETED", "PRUNED", "FAILED"):
             continue  # resumed by Tune, or closed as LOST by the tracker's end
-        reports = []
-        for path in search.ray_dir.glob(f"*_{trial_id}_*/result.json"):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    result = json.loads(line)
-                    reports.append({"epoch": result.get("epoch", 0), "result": result,
-                                    "metrics": tracked_metrics(result, part_metrics)})
-        reports.sort(key=lambda x: x["epoch"])
-        search.tracker.catch_up(trial_id, r["method"], r["config"], r["status"], reports, r.get("error"))
+        reports = [{"epoch": x.get("epoch", 0), "result": x, "metrics": tracked_metrics(x, part_metrics)}
+                   for x in all_reports.get(trial_id, [])]
+        search.tracker.catch_up(trial_id, r["method"], r["config"], r["status"], reports, r.get("error"),
+                                tracker_tags(r))
 
 
 def prepare_search(search: Search) -> None:
@@ -172,6 +180,7 @@ def prepare_search(search: Search) -> None:
     search.folder.mkdir(parents=True, exist_ok=True)
     (search.folder / "search.yaml").write_text(_dump(search.space.source))
     settings = search.space.settings
+    write_info(search)
     search.tracker.start_search(search.folder, search.name, {
         "search.metric": settings.metric, "search.mode": settings.mode,
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
@@ -179,6 +188,21 @@ def prepare_search(search: Search) -> None:
         "search.methods": ",".join(search.space.methods), "data": search.data.summary()})
     if search.resume:
         _catch_up_tracker(search)
+
+
+def write_info(search: Search) -> None:
+    """What readers of the folder need and could not rebuild without the data or the command
+    line: the class counts, the shot split in words, where the search is tracked."""
+    import json
+
+    from ltsearch.search.results import SEARCH_INFO
+
+    data = search.data
+    (search.folder / SEARCH_INFO).write_text(json.dumps({
+        "name": search.name, "data": data.summary(), "classes": list(data.classes),
+        "counts": [int(n) for n in data.counts], "groups": search.groups,
+        "tracking": search.space.settings.tracking, "tracking_uri": search.tracker.uri,
+        "experiment": search.space.settings.experiment or "ltsearch"}, indent=1))
 
 
 RAY_LOG = "ray.log"
@@ -207,8 +231,10 @@ def ray_messages_to(path: Path, verbose: int):
             ray_logger.addHandler(h)
 
 
-def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
-    """Start or join Ray, run the Tuner; "finished" or "interrupted"."""
+def execute_search(search: Search, address: Optional[str], verbose: int,
+                   confirm_only: bool = False) -> str:
+    """Start or join Ray, run the search's Tuner, then its confirmation runs (``search.confirm``;
+    only those with ``confirm_only``); "finished" or "interrupted"."""
     import ray
 
     if not ray.is_initialized():
@@ -216,8 +242,27 @@ def execute_search(search: Search, address: Optional[str], verbose: int) -> str:
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
+    if verbose < 1:  # Tune's current console output prints its set-up even when told silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     with ray_messages_to(search.folder / RAY_LOG, verbose):  # after ray.init, which resets them
-        return _tune(search, verbose)
+        ending = "finished" if confirm_only else _tune(search, verbose)
+        if ending == "finished" and search.space.settings.confirm.top:
+            from ltsearch.search.confirm import run_confirmation
+
+            ending = run_confirmation(search, verbose)
+        return ending
+
+
+def _trainable(search: Search):
+    from ray import tune
+
+    from ltsearch.search.trial import run_trial
+
+    resources = search.space.settings.resources
+    return tune.with_resources(
+        tune.with_parameters(run_trial, data=search.data, space=search.space,
+                             compile_cache=str(search.folder / COMPILE_CACHE)),
+        {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
 def _tune(search: Search, verbose: int) -> str:
@@ -229,16 +274,10 @@ def _tune(search: Search, verbose: int) -> str:
     from ltsearch.search.callbacks import ProgressCallback, SearchCallback
     from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
     from ltsearch.search.records import TrialRecords
-    from ltsearch.search.trial import run_trial
 
     space, settings = search.space, search.space.settings
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
-    if verbose < 1:  # Tune's current console output prints its set-up even when told silent
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=search.data, space=space,
-                             compile_cache=str(search.folder / COMPILE_CACHE)),
-        {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
+    trainable = _trainable(search)
     callbacks = [SearchCallback(search.folder, space, search.tracker),  # records first: the
                  ProgressCallback(search.folder, space)]                  # progress reads them
     if search.resume:
@@ -248,8 +287,10 @@ def _tune(search: Search, verbose: int) -> str:
         replace_restored_callbacks(tuner, callbacks)
     else:
         storage_db = optuna.storages.RDBStorage(search.study_uri)
-        searcher = prune_aware_optuna()(
-            space=space.define, metric=settings.metric, mode=settings.mode,
+        many = settings.objectives is not None  # a multi-objective study: TPE over all,
+        searcher = prune_aware_optuna()(           # ASHA and the records on the first
+            space=space.define, metric=settings.objectives if many else settings.metric,
+            mode=[settings.mode] * len(settings.objectives) if many else settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
             storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))
         max_t = space.max_epochs()
@@ -318,6 +359,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     import optuna
 
     from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
+    from ltsearch.search.report import FIGURES
 
     settings = search.space.settings
     records = TrialRecords(search.folder)
@@ -339,25 +381,41 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
             records.update(trial_id, status="INTERRUPTED")
         _set_optuna_state(search, open_optuna, optuna.trial.TrialState.WAITING)
 
+    confirmed = records.confirmed(settings.metric, settings.mode)
     rows = records.leaderboard(settings.metric, settings.mode)
-    board = format_leaderboard(rows, settings.metric, search.groups)
+    board = format_leaderboard(rows, settings.metric, search.groups, confirmed)
     (search.folder / "leaderboard.txt").write_text(board + "\n")
     records.write_csv(search.folder / "trials.csv")
-    ranked = records.ranked(settings.metric, settings.mode)
+    best = records.best_config(settings.metric, settings.mode)
     best_path = None
-    if ranked:
+    if best is not None:
         best_path = search.folder / "best_config.yaml"
-        write_config(ranked[0]["config"], best_path)
+        write_config(best, best_path)
     elif ending == "finished":
         log.warning("no trial ran to the end; best_config.yaml not written")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
                  search.folder / "trials.csv"] + ([best_path] if best_path else [])
+    report = _write_report(search.folder)
+    if report is not None:
+        artifacts += [report, report.parent / FIGURES]
     try:
         search.tracker.end_search(ending, artifacts)
     except Exception as e:  # a lost tracking server must not hide the search's own ending
         log.warning("tracking records not closed (%s: %s); --resume reopens them", type(e).__name__, e)
     return SearchOutcome(search.folder, records, best_path, board, search.tracker.search_id,
-                         search.tracker.uri, ending, search.tracker.describe())
+                         search.tracker.uri, ending, search.tracker.describe(), report)
+
+
+def _write_report(folder: Path) -> Optional[Path]:
+    """The search's report page; a report that fails must not hide the search's ending."""
+    from ltsearch.search.report import write_report
+
+    try:
+        return write_report(folder)
+    except Exception as e:
+        log.warning("report not written (%s: %s); `ltsearch report %s` tries again",
+                    type(e).__name__, e, folder)
+        return None
 
 
 def _dump(data) -> str:
@@ -366,11 +424,33 @@ def _dump(data) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def parse_confirm(value: Optional[str]) -> Optional[dict]:
+    """``--confirm K:S`` → ``{"top": K, "seeds": S}``."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError("--confirm", f"must be TOP:SEEDS, e.g. 3:5, got {value!r}")
+    return {"top": int(parts[0]), "seeds": int(parts[1])}
+
+
+def _ended(stop: SearchStopped, name: str, space, again: str) -> int:
+    """The summary and one line on how to continue; the exit status."""
+    _summary(stop.outcome, name, space)
+    if stop.outcome.ending == "interrupted":
+        print(f"interrupted — continue with `{again}`", file=sys.stderr)
+        return 130
+    cause = stop.cause
+    print(f"error: the search stopped: {type(cause).__name__}: {cause}\n"
+          f"  everything recorded is closed; fix the cause, then `{again}`", file=sys.stderr)
+    return 1
+
+
 def main_search(args) -> int:
     from ltsearch.search.space import load_search_file
 
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
-                 "tracking": "none" if args.no_tracking else None}
+                 "tracking": "none" if args.no_tracking else None, "confirm": parse_confirm(args.confirm)}
     space = load_search_file(args.space, overrides)
     name = args.name or search_name(args.space)
     try:
@@ -378,28 +458,35 @@ def main_search(args) -> int:
                              tracking_uri=args.tracking_uri, resume=args.resume,
                              verbose=args.verbose)
     except SearchStopped as stop:
-        _summary(stop.outcome, name, space)
-        resume = f"ltsearch search {args.space} --resume" + (f" --name {args.name}" if args.name else "") + \
-            (f" --storage {args.storage}" if args.storage != "searches" else "")
-        if stop.outcome.ending == "interrupted":
-            print(f"interrupted — continue with `{resume}`", file=sys.stderr)
-            return 130
-        cause = stop.cause
-        print(f"error: the search stopped: {type(cause).__name__}: {cause}\n"
-              f"  everything recorded is closed; fix the cause, then `{resume}`", file=sys.stderr)
-        return 1
+        return _ended(stop, name, space, f"ltsearch search {args.space} --resume"
+                      + (f" --name {args.name}" if args.name else "")
+                      + (f" --storage {args.storage}" if args.storage != "searches" else ""))
     _summary(outcome, name, space)
     return 0
 
 
 def _summary(outcome: SearchOutcome, name: str, space) -> None:
-    n = len(outcome.records.trials)
     counts: dict[str, int] = {}
+    confirmations: dict[str, int] = {}
     for r in outcome.records.trials.values():
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"\nsearch {name}: {n} trials ({', '.join(f'{v} {k.lower()}' for k, v in sorted(counts.items()))})")
+        kept = confirmations if r.get("confirm_of") else counts
+        kept[r["status"]] = kept.get(r["status"], 0) + 1
+
+    def said(c: dict) -> str:
+        return ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items()))
+
+    more = f"; {sum(confirmations.values())} confirmation runs ({said(confirmations)})" if confirmations else ""
+    print(f"\nsearch {name}: {sum(counts.values())} trials ({said(counts)}){more}")
     print(f"best trial per method (by {space.settings.metric}):\n{outcome.leaderboard}")
     if outcome.best_config:
         print(f"\nbest config: {outcome.best_config}\n  train it: ltsearch train {outcome.best_config}")
+    objectives = space.settings.objectives
+    if objectives:
+        front = outcome.records.pareto(objectives, space.settings.mode)
+        print(f"Pareto set over {', '.join(objectives)}: {len(front)} trials "
+              f"({', '.join(r['method'] + ' ' + r['trial_id'] for r in front)})\n"
+              f"  export it: ltsearch export {outcome.folder} --pareto --out DIR")
+    if outcome.report:
+        print(f"report: {outcome.report}")
     print(outcome.tracking)
     sys.stdout.flush()

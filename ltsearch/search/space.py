@@ -113,6 +113,17 @@ class AshaSettings:
 
 
 @dataclass
+class ConfirmSettings:
+    top: int = spec(0, ge=0, doc="after the search, re-train the K best configs to their full "
+                                 "budget with fresh seeds (0: no confirmation)")
+    seeds: int = spec(3, ge=1, doc="fresh seeds per confirmed config")
+
+
+CONFIRM_OF = "confirm_of"  # a confirmation trial's Tune config: the trial it confirms,
+SEED = "seed"              # and its fresh seed, beside that trial's own values
+
+
+@dataclass
 class SearchSettings:
     metric: str = spec("val/balanced_acc", doc="a reported metric, e.g. val/top1")
     mode: Literal["max", "min"] = "max"
@@ -134,12 +145,33 @@ class SearchSettings:
     tracking: Literal["mlflow", "none"] = spec("mlflow", doc="where runs are recorded besides "
                                                            "the search folder (none: nowhere)")
     cover_methods: bool = spec(True, doc="the first trials try each method once, then TPE")
+    confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
+    objectives: Optional[list[str]] = spec(None, doc="two or more metrics for a multi-objective "
+                                                     "search (each with search.mode); ASHA stops "
+                                                     "on the first, export --pareto writes the "
+                                                     "Pareto set")
 
     def check(self):
         known = [f"val/{m}" for m in SCALARS] + ["train/loss"]
         if self.metric not in known:  # Tune would fail mid-search on a metric never reported
             raise ConfigError("metric", f"{self.metric!r} is not a metric trials report for "
                                         f"selection (one of: {', '.join(known)})")
+        if self.objectives is not None:
+            if not isinstance(self.objectives, list) or len(self.objectives) < 2:
+                raise ConfigError("objectives", "must list two or more metrics (one metric: "
+                                                "search.metric)")
+            for i, name in enumerate(self.objectives):
+                if name not in known:
+                    raise ConfigError(f"objectives.{i}", f"{name!r} is not a metric trials report "
+                                                         f"for selection (one of: {', '.join(known)})")
+            if len(set(self.objectives)) < len(self.objectives):
+                raise ConfigError("objectives", f"lists a metric twice: {self.objectives}")
+            self.metric = self.objectives[0]  # what ASHA, the leaderboard and best_config use
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction per objective: each follows search.mode."""
+        return ["minimize" if self.mode == "min" else "maximize"] * len(self.objectives or [self.metric])
 
 
 @dataclass
@@ -171,8 +203,11 @@ class SearchSpace:
         return cfg
 
     def _given(self, flat: dict) -> dict:
-        """The base config with the trial's values put in (before presets expand)."""
+        """The base config with the trial's values put in (before presets expand); a
+        confirmation trial's fresh seed too."""
         cfg = copy.deepcopy(self.base)
+        if SEED in flat:
+            cfg[SEED] = flat[SEED]
         names = list(self.methods)
         method = flat.get("method", names[0])
         values = {}

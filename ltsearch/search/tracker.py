@@ -29,8 +29,9 @@ class Tracker:
     def start_search(self, folder: Path, name: str, params: dict) -> None:
         """Open (or, for a resumed search, reopen) the search's record."""
 
-    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
-        """Open the trial's record (reopen it on resume, keeping the epochs it holds)."""
+    def start_trial(self, trial_id: str, label: str, config: dict, tags: Optional[dict] = None) -> None:
+        """Open the trial's record (reopen it on resume, keeping the epochs it holds); ``tags``
+        mark a confirmation run."""
 
     def log(self, trial_id: str, step: int, metrics: dict) -> None:
         """One epoch's scalar metrics; a step already recorded is skipped."""
@@ -40,17 +41,22 @@ class Tracker:
         """Close the trial's record; ``result`` is its last report (per-class lists included)."""
 
     def catch_up(self, trial_id: str, label: str, config: dict, status: str, reports: list[dict],
-                 error: Optional[str] = None) -> None:
+                 error: Optional[str] = None, tags: Optional[dict] = None) -> None:
         """Make the record of a trial that ended agree with the search folder: on a resume after
         the driver or the tracking server was lost with calls still queued. ``reports``: each
         epoch's scalar metrics with its ``epoch``, then the last report in full."""
-        self.start_trial(trial_id, label, config)
+        self.start_trial(trial_id, label, config, tags)
         for report in reports:
             self.log(trial_id, int(report.get("epoch", 0)), report["metrics"])
         self.end_trial(trial_id, status, config, reports[-1]["result"] if reports else {}, error)
 
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
-        """Close the search's record and every trial record still open."""
+        """Close the search's record and every trial record still open; ``artifacts``: files,
+        and folders kept under their own name, to attach to the search's record."""
+
+    def attach(self, folder: Path, paths: list[Path]) -> None:
+        """Attach files to the record of the search in ``folder``, after it ended (a report
+        written later)."""
 
     def describe(self) -> str:
         """One line for the summary: where to look at the records."""

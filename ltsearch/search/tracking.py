@@ -176,13 +176,13 @@ class MLflowTracker(Tracker):
             max_results=1)
 
     def catch_up(self, trial_id: str, label: str, config: dict, status: str, reports: list[dict],
-                 error: Optional[str] = None) -> None:
+                 error: Optional[str] = None, tags: Optional[dict] = None) -> None:
         found = self._find(trial_id)
         if found and found[0].info.status == RUN_STATUS[status]:  # already agrees
             return
-        super().catch_up(trial_id, label, config, status, reports, error)
+        super().catch_up(trial_id, label, config, status, reports, error, tags)
 
-    def start_trial(self, trial_id: str, label: str, config: dict) -> None:
+    def start_trial(self, trial_id: str, label: str, config: dict, tags: Optional[dict] = None) -> None:
         client = self.client
         found = self._find(trial_id)
         if found:  # a resumed search: the run reopens, and epochs it holds are not logged twice
@@ -193,7 +193,7 @@ class MLflowTracker(Tracker):
         else:
             run = client.create_run(self.exp_id, run_name=f"{label}-{trial_id}", tags={
                 TAG_PARENT: self.parent, TAG_TRIAL: trial_id, "method": label,
-                "ltsearch.kind": "trial"})
+                "ltsearch.kind": "trial", **(tags or {})})
             run_id = run.info.run_id
             _log_params(client, run_id, flatten(config))
         self.runs[trial_id] = run_id
@@ -224,15 +224,29 @@ class MLflowTracker(Tracker):
 
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
         client = self.client
-        for path in artifacts:
-            if path.is_file():
-                client.log_artifact(self.parent, str(path))
+        self._attach(artifacts)
         # Nothing may stay RUNNING: trials that never reported an end (a killed driver) are KILLED.
         for child in client.search_runs([self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent}'",
                                         max_results=10000):
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")
         client.set_terminated(self.parent, RUN_STATUS[ending])
+
+    def _attach(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_file():
+                self.client.log_artifact(self.parent, str(path))
+            elif path.is_dir():  # a folder keeps its name (the report's figures: report/)
+                self.client.log_artifacts(self.parent, str(path), path.name)
+
+    def attach(self, folder: Path, paths: list[Path]) -> None:
+        self.exp_id = experiment_id(self.uri, self.experiment)
+        found = self.client.search_runs([self.exp_id], f"tags.`{TAG_SEARCH}` = '{folder}'", max_results=1)
+        if not found:
+            raise ConfigError("--tracking-uri", f"no search run for {folder} in {self.uri} "
+                                                f"(experiment {self.experiment!r})")
+        self.parent = found[0].info.run_id
+        self._attach(paths)
 
     def describe(self) -> str:
         return f"MLflow: {self.uri} (parent run {self.parent})"

@@ -1,0 +1,143 @@
+"""Confirmation with fresh seeds: after a search (``search.confirm``, ``--confirm K:S``) or for a
+finished one (``ltsearch confirm SEARCH_DIR``), the K best configs are re-trained to their full
+budget with S new seeds, as trials of the same Ray cluster and the same tracking record (tagged
+as confirmation runs). A winner chosen on one seed and a small validation split may be luck;
+the leaderboard then shows mean ± std over the seeds and ``best_config.yaml`` is the best mean.
+
+Each round is a Tune experiment of its own (``confirm-N/``) without a scheduler; an interrupted
+round is restored first, then whatever is still missing runs, so asking again for more seeds or
+more configs runs only what is new.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from ltsearch.config import ConfigError
+from ltsearch.search.records import TrialRecords
+from ltsearch.search.results import CONFIRM_PREFIX, SEARCH_INFO
+from ltsearch.search.run import RAY_SUBDIR, Search, SearchStopped, _ended, _summary, _trainable, run_search
+from ltsearch.search.space import CONFIRM_OF, SEED
+
+
+class Points(Searcher):
+    """Hands out the given Tune configs, each once, in order (Tune's own variant generator
+    reads dotted keys as nested paths)."""
+
+    def __init__(self, points: list[dict], metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.points = list(points)
+        self.given = 0
+
+    def suggest(self, trial_id: str):
+        if self.given >= len(self.points):
+            return Searcher.FINISHED
+        self.given += 1
+        return dict(self.points[self.given - 1])
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps((self.points, self.given)))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.points, self.given = pickle.loads(Path(checkpoint_path).read_bytes())
+
+
+def confirmation_points(search: Search) -> list[dict]:
+    """The Tune configs of the confirmation runs still to do: each of the K best trials that ran
+    to the end with S fresh seeds (its own seed + 1 … + S), less those already run to the end."""
+    settings = search.space.settings
+    records = TrialRecords(search.folder)
+    done = {(r[CONFIRM_OF], r[SEED]) for r in records.trials.values()
+            if r.get(CONFIRM_OF) and r["status"] == "COMPLETED"}
+    points = []
+    for r in records.ranked(settings.metric, settings.mode)[:settings.confirm.top]:
+        if r.get("params") is None:
+            raise ConfigError("search_dir", f"trial {r['trial_id']} has no recorded parameters "
+                                            "(a search from an older ltsearch): it cannot be confirmed")
+        own = r["config"].get(SEED, 0)
+        points += [{**r["params"], CONFIRM_OF: r["trial_id"], SEED: own + i}
+                   for i in range(1, settings.confirm.seeds + 1) if (r["trial_id"], own + i) not in done]
+    return points
+
+
+def run_confirmation(search: Search, verbose: int) -> str:
+    """Run what confirmation is missing; "finished" or "interrupted"."""
+    from ray import tune
+
+    from ltsearch.search.callbacks import ProgressCallback, SearchCallback
+    from ltsearch.search.ray_private import replace_restored_callbacks
+
+    space, settings = search.space, search.space.settings
+
+    def callbacks():
+        return [SearchCallback(search.folder, space, search.tracker),
+                ProgressCallback(search.folder, space, confirming=True)]
+
+    def ending(grid, asked: int) -> str:
+        search.tune_trial_ids |= {r.metrics.get("trial_id") for r in grid if r.metrics}
+        unfinished = [k for k, r in TrialRecords(search.folder).trials.items()
+                      if r["status"] == "RUNNING" and k in search.tune_trial_ids]
+        return "interrupted" if unfinished or len(grid) < asked else "finished"
+
+    rounds = sorted((p for p in search.folder.glob(f"{CONFIRM_PREFIX}*") if p.is_dir()),
+                    key=lambda p: int(p.name.removeprefix(CONFIRM_PREFIX)))
+    open_runs = [r for r in TrialRecords(search.folder).trials.values()
+                 if r.get(CONFIRM_OF) and r["status"] in ("RUNNING", "INTERRUPTED")]
+    if open_runs and rounds and (rounds[-1] / "tuner.pkl").is_file():
+        tuner = tune.Tuner.restore(str(rounds[-1]), trainable=_trainable(search), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        replace_restored_callbacks(tuner, callbacks())
+        if ending(tuner.fit(), 0) != "finished":
+            return "interrupted"
+    points = confirmation_points(search)
+    if not points:
+        return "finished"
+    print(f"confirming the {settings.confirm.top} best configs with {settings.confirm.seeds} fresh "
+          f"seeds each: {len(points)} runs", flush=True)
+    searcher = Points(points, settings.metric, settings.mode)
+    tuner = tune.Tuner(
+        _trainable(search),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric, mode=settings.mode, num_samples=len(points),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+            reuse_actors=settings.reuse_workers),
+        run_config=tune.RunConfig(
+            name=f"{CONFIRM_PREFIX}{len(rounds) + 1}", storage_path=str(search.folder),
+            callbacks=callbacks(), verbose=2 if verbose >= 1 else 0,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    return ending(tuner.fit(), len(points))
+
+
+def main_confirm(args) -> int:
+    """``ltsearch confirm SEARCH_DIR --top K --seeds S``."""
+    from ltsearch.search.space import load_search_file
+
+    folder = Path(args.search_dir).resolve()
+    if not (folder / RAY_SUBDIR / "tuner.pkl").is_file() or not (folder / "search.yaml").is_file():
+        raise ConfigError("search_dir", f"{folder} is not a search folder (no search.yaml and ray/)")
+    for flag, value in (("--top", args.top), ("--seeds", args.seeds)):
+        if value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
+    info_path = folder / SEARCH_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    overrides = {"confirm": {"top": args.top, "seeds": args.seeds},
+                 "tracking": "none" if args.no_tracking else info.get("tracking")}
+    space = load_search_file(folder / "search.yaml", overrides)
+    try:
+        outcome = run_search(space, name=folder.name, storage=folder.parent, address=args.address,
+                             tracking_uri=args.tracking_uri or info.get("tracking_uri") or None,
+                             verbose=args.verbose, confirm_only=True)
+    except SearchStopped as stop:
+        return _ended(stop, folder.name, space,
+                      f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}")
+    _summary(outcome, folder.name, space)
+    sys.stdout.flush()
+    return 0
