@@ -243,6 +243,48 @@ def test_ctrl_c_then_resume(tmp_path):
         assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once
 
 
+def test_ctrl_c_during_confirmation_then_resume(tmp_path):
+    """Confirmation runs end as cleanly as the search's trials: interrupted ones are closed
+    and ``--resume`` finishes them, each epoch recorded once."""
+    data = tiny_search(method={"ce": {}})
+    data["search"].update(num_samples=1, max_concurrent=1, asha={"enabled": False},
+                          confirm={"top": 1, "seeds": 2})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd, folder = _search_cmd(tmp_path, data, "c", uri)
+    driver = _start(cmd, tmp_path / "first.log")
+    try:
+        _wait(lambda: any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
+                          for r in _trials(folder).values()), 300, "a confirmation run past its first epoch")
+        os.killpg(driver.pid, signal.SIGINT)
+        driver.wait(120)
+    finally:
+        _stop(driver)
+    log = (tmp_path / "first.log").read_text()
+    assert driver.returncode == 130 and "--resume" in log, log[-3000:]
+    records = _trials(folder)
+    assert [r["status"] for r in records.values() if not r.get("confirm_of")] == ["COMPLETED"]
+    assert "INTERRUPTED" in [r["status"] for r in records.values() if r.get("confirm_of")]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ltsearch").experiment_id
+    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = _trials(folder)
+    runs = [r for r in after.values() if r.get("confirm_of")]
+    best = max((r for r in after.values() if not r.get("confirm_of")),
+               key=lambda r: r["metrics"]["val/balanced_acc"])
+    assert sorted(r["seed"] for r in runs) == [best["config"]["seed"] + 1, best["config"]["seed"] + 2]
+    assert all(r["status"] == "COMPLETED" and r["confirm_of"] == best["trial_id"] for r in runs)
+    assert "± " in resumed.stdout and "(2)" in resumed.stdout
+    tagged = client.search_runs([exp], "tags.`ltsearch.role` = 'confirmation'")
+    assert sorted(r.data.tags["ltsearch.trial_id"] for r in tagged) == sorted(r["trial_id"] for r in runs)
+    for run in tagged:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")]
+        assert sorted(steps) == [1, 2, 3], steps  # every epoch once
+
+
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
 def test_tracking_server_lost_mid_search_then_resume(tmp_path):
