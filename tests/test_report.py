@@ -30,7 +30,7 @@ def confirmed(ray_local, tmp_path_factory):
     data = tiny_search(train={"lr": {"loguniform": [0.005, 0.05]}},
                        method={"ce": {}, "logit_adjust": {"loss.tau": {"uniform": [0.5, 1.5]}},
                                "reweight": {}})
-    data["search"].update(num_samples=5, confirm={"top": 1, "seeds": 2})
+    data["search"].update(num_samples=5, confirm={"top": 1, "seeds": 2}, report=True)
     space = parse_search_file(data)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     outcome = run_search(space, name="conf", storage=tmp / "searches", tracking_uri=uri)
@@ -226,7 +226,7 @@ def test_a_multi_objective_search_and_its_pareto_set(ray_local, tmp_path):
                        method={"ce": {}, "logit_adjust": {"loss.tau": {"uniform": [0.5, 1.5]}},
                                "balanced_softmax": {}})
     data["search"].update(num_samples=6, objectives=["val/balanced_acc", "val/few"], tracking="none",
-                          asha={"grace_period": 2, "reduction_factor": 2})
+                          asha={"grace_period": 2, "reduction_factor": 2}, report=True)
     space = parse_search_file(data)
     assert space.settings.metric == "val/balanced_acc"  # ASHA and the leaderboard use the first
     outcome = run_search(space, name="mo", storage=tmp_path / "searches")
@@ -251,6 +251,8 @@ def test_a_multi_objective_search_and_its_pareto_set(ray_local, tmp_path):
     assert {f.stem.rsplit("_", 1)[1] for f in files} == front
     for f in files:
         assert yaml.safe_load(f.read_text()) == records.trials[f.stem.rsplit("_", 1)[1]]["config"]
+    page = (outcome.folder / REPORT_PAGE).read_text()
+    assert "<h2>The objectives</h2>" in page and "<h2>Head vs tail</h2>" not in page
 
 
 def test_objectives_are_checked_before_anything_runs():

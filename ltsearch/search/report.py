@@ -41,8 +41,9 @@ def _finite(v) -> bool:
 def _colours(labels: list[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
-    return {label: cmap(i % 20) for i, label in enumerate(sorted(set(labels)))}
+    names = sorted(set(labels))
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]  # tab20's light halves fade
+    return {label: cmap(i % cmap.N) for i, label in enumerate(names)}
 
 
 def _figure(width: float = 8.0, height: float = 4.5):
@@ -74,7 +75,8 @@ def leaderboard_section(res: SearchResults) -> Section:
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     lines.append("</tbody></table>")
     caption = (f"The best trial of each recipe by {res.metric} ({res.mode}), trials that ran to the "
-               "end first. Test columns exist for those only (a pruned trial was never tested).")
+               "end first. Test columns exist for those only (a pruned trial was never tested). "
+               f"{res.info.get('groups', '')}.")
     if confirmations:
         caption += (" Confirmed: the trial's config re-trained to its full budget with fresh seeds; "
                     "best_config.yaml is the best confirmed mean.")
@@ -82,37 +84,46 @@ def leaderboard_section(res: SearchResults) -> Section:
 
 
 def head_tail_section(res: SearchResults) -> Section:
-    """Many- vs few-shot validation accuracy at each trial's last evaluation."""
+    """Many- vs few-shot validation accuracy at each trial's last evaluation, or the search's
+    first two objectives when it has several (its Pareto set marked, as export writes it)."""
+    objectives = res.space.settings.objectives
+    x, y = objectives[:2] if objectives else ("val/many", "val/few")
     trials = [r for r in res.searched() if r["status"] in ("COMPLETED", "PRUNED")
-              and _finite(r["metrics"].get("val/many")) and _finite(r["metrics"].get("val/few"))]
+              and _finite(r["metrics"].get(x)) and _finite(r["metrics"].get(y))]
     groups = res.info.get("groups", "")
+    title = "Head vs tail" if not objectives else "The objectives"
     if not trials:
-        return Section("Head vs tail", f"No trial has both many- and few-shot accuracy ({groups}).")
+        return Section(title, f"No trial has both {x} and {y} ({groups}).")
     colours = _colours([r["method"] for r in trials])
     fig = _figure()
     ax = fig.add_subplot()
-    done = [r for r in trials if r["status"] == "COMPLETED"]
     for label in sorted(colours):
+        mine = [r for r in trials if r["method"] == label]
         for status, face in (("COMPLETED", colours[label]), ("PRUNED", "none")):
-            pts = [r for r in trials if r["method"] == label and r["status"] == status]
+            pts = [r for r in mine if r["status"] == status]
             if pts:
-                ax.scatter([r["metrics"]["val/many"] for r in pts], [r["metrics"]["val/few"] for r in pts],
-                           s=40, facecolors=face, edgecolors=colours[label],
-                           label=label if status == "COMPLETED" or not any(
-                               r["method"] == label and r["status"] == "COMPLETED" for r in trials) else None)
-    if done:
-        pts = [(r["metrics"]["val/many"], r["metrics"]["val/few"]) for r in done]
-        front = sorted(pts[i] for i in pareto_front(pts))
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=1, ls="--",
-                marker="o", mfc="none", ms=11, label="Pareto front")
-    ax.set_xlabel("val many-shot accuracy (head)")
-    ax.set_ylabel("val few-shot accuracy (tail)")
-    ax.set_title("head vs tail: one point per trial")
+                first = status == "COMPLETED" or not any(r["status"] == "COMPLETED" for r in mine)
+                ax.scatter([r["metrics"][x] for r in pts], [r["metrics"][y] for r in pts], s=40,
+                           facecolors=face, edgecolors=colours[label], label=label if first else None)
+    done = [r for r in trials if r["status"] == "COMPLETED"]
+    if objectives:
+        front = res.records.pareto(objectives, res.mode)
+    else:
+        front = [done[i] for i in pareto_front([[r["metrics"][x], r["metrics"][y]] for r in done])]
+    if front:
+        pts = sorted((r["metrics"][x], r["metrics"][y]) for r in front)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="black", lw=1, ls="--",
+                marker="o", mfc="none", ms=11, label="Pareto set" if objectives else "Pareto front")
+    ax.set_xlabel(x if objectives else "val many-shot accuracy (head)")
+    ax.set_ylabel(y if objectives else "val few-shot accuracy (tail)")
+    ax.set_title(f"{'objectives' if objectives else 'head vs tail'}: one point per trial")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return Section("Head vs tail", f"Each trial at its last evaluation, coloured by recipe; filled: ran "
-                   f"to the end, hollow: stopped by ASHA (earlier, so lower). The dashed line joins the "
-                   f"trials that ran to the end and that no other such trial beats on both axes. "
-                   f"{groups}.", fig, "head_vs_tail.png")
+    marked = ("the Pareto set over all the search's objectives (what `ltsearch export --pareto` "
+              "writes)" if objectives else "the trials that ran to the end and that no other such "
+              "trial beats on both axes")
+    return Section(title, f"Each trial at its last evaluation, coloured by recipe; filled: ran to the "
+                   f"end, hollow: stopped by ASHA (earlier, so lower). Circled on the dashed line: "
+                   f"{marked}. {groups}.", fig, "head_vs_tail.png")
 
 
 def curves_section(res: SearchResults) -> Section:
@@ -134,11 +145,12 @@ def curves_section(res: SearchResults) -> Section:
                 label=None if r["method"] in labelled else r["method"])
         labelled.add(r["method"])
         if r["status"] == "PRUNED":
-            ax.scatter([pts[-1][0]], [pts[-1][1]], marker="x", s=50, color=colour, zorder=3,
-                       label=None if stopped else "stopped by ASHA")
+            ax.scatter([pts[-1][0]], [pts[-1][1]], marker="x", s=50, color=colour, zorder=3)
             stopped = True
         elif r["status"] == "FAILED":
             ax.scatter([pts[-1][0]], [pts[-1][1]], marker="X", s=60, color="black", zorder=3)
+    if stopped:  # one legend entry, in no recipe's colour
+        ax.scatter([], [], marker="x", s=50, color="dimgray", label="stopped by ASHA")
     asha = res.space.settings.asha
     if asha.enabled:
         rung, top = asha.grace_period, res.space.max_epochs()

@@ -395,7 +395,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         log.warning("no trial ran to the end; best_config.yaml not written")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
                  search.folder / "trials.csv"] + ([best_path] if best_path else [])
-    report = _write_report(search.folder)
+    report = _write_report(search.folder) if settings.report else None
     if report is not None:
         artifacts += [report, report.parent / FIGURES]
     try:

@@ -146,6 +146,8 @@ class SearchSettings:
                                                            "the search folder (none: nowhere)")
     cover_methods: bool = spec(True, doc="the first trials try each method once, then TPE")
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
+    report: bool = spec(True, doc="write report.html when the search ends (`ltsearch report` "
+                                  "writes it at any time)")
     objectives: Optional[list[str]] = spec(None, doc="two or more metrics for a multi-objective "
                                                      "search (each with search.mode); ASHA stops "
                                                      "on the first, export --pareto writes the "
