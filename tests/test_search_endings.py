@@ -112,3 +112,23 @@ def test_storage_that_cannot_be_written(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --storage") and text in err[0]
     assert not (tmp_path / "m.db").exists()  # no MLflow store touched
+
+
+def test_a_finished_search_closes_trials_ray_never_recorded_as_lost(tmp_path):
+    """A trial started moments before the driver stopped (a lost tracking server, Ctrl-C) and
+    after Tune's last snapshot is INTERRUPTED in the records, but the resumed Tune never knew
+    it: once the search finishes it used to stay INTERRUPTED, as if --resume could continue it."""
+    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.run import Search, finish_search
+    from ltsearch.search.tracker import Tracker
+
+    space = parse_search_file(tiny_search(method={"ce": {}}))
+    folder = tmp_path / "s"
+    folder.mkdir()
+    records = TrialRecords(folder)
+    for trial_id, status in (("known", "COMPLETED"), ("unknown", "INTERRUPTED"), ("running", "RUNNING")):
+        records.update(trial_id, method="ce", config={}, status=status, epochs=0, metrics={})
+    search = Search(space, "s", folder, True, None, Tracker(), "", tune_trial_ids={"known"})
+    finish_search(search, "finished")
+    after = {k: r["status"] for k, r in TrialRecords(folder).trials.items()}
+    assert after == {"known": "COMPLETED", "unknown": "LOST", "running": "LOST"}

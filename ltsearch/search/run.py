@@ -369,8 +369,10 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         open_optuna = [t.number for t in _study(search).get_trials(
             deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     if ending == "finished":
-        for trial_id in running:
-            if trial_id not in search.tune_trial_ids:
+        # Trials Tune never recorded (started after its last snapshot, then the driver stopped)
+        # cannot be continued: RUNNING after a killed driver, INTERRUPTED after a stopped one.
+        for trial_id, r in records.trials.items():
+            if r["status"] in ("RUNNING", "INTERRUPTED") and trial_id not in search.tune_trial_ids:
                 records.update(trial_id, status="LOST", error="the driver stopped before Ray "
                                                                "recorded this trial; it was not resumed")
         study = _study(search) if open_optuna else None
