@@ -116,6 +116,15 @@ def test_bad_confirm_and_pareto_input_exits_2_naming_it(confirmed, tmp_path, cap
     assert err.startswith(f"error: {key}") and len(err.strip().splitlines()) == 1, err
 
 
+def test_confirm_flag_reads_top_and_seeds():
+    from ltsearch.search.run import parse_confirm
+
+    assert parse_confirm("3:5") == {"top": 3, "seeds": 5} and parse_confirm(None) is None
+    for bad in ("3", "3:", "a:b", "1:2:3", "-1:2"):
+        with pytest.raises(ConfigError, match="must be TOP:SEEDS"):
+            parse_confirm(bad)
+
+
 def _open_in_chromium(page, tmp_path):
     """The page in headless Chromium: what its images did and what it logged."""
     from selenium import webdriver
@@ -276,3 +285,39 @@ def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys):
     assert page.is_file() and len(list((outcome.folder / FIGURES).glob("*.png"))) == 5
     info = json.loads((outcome.folder / "search.json").read_text())
     assert info["counts"] == sorted(info["counts"], reverse=True) and info["tracking"] == "mlflow"
+
+
+def test_time_spent_and_reports_from_a_folder_as_it_lies(tmp_path):
+    """Per-epoch reports from Ray's result.json (a resumed trial's repeated epoch: the later
+    line wins; lists only in the last report) and the slot-time account the report draws."""
+    from ltsearch.search.results import SearchResults, read_reports
+
+    data = tiny_search(method={"ce": {}})
+    data["search"]["max_concurrent"] = 2
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(data))
+    records = TrialRecords(tmp_path)
+    records.update("a", method="ce", status="COMPLETED", config={}, metrics={}, started_at=100.0, ended_at=110.0)
+    records.update("b", method="ce", status="PRUNED", config={}, metrics={}, started_at=102.0, ended_at=106.0)
+    lines = {"a": [{"epoch": 1, "epoch_time_s": 3.0}, {"epoch": 2, "epoch_time_s": 9.9},  # re-run:
+                   {"epoch": 2, "epoch_time_s": 3.0},                                      # this wins
+                   {"epoch": 3, "epoch_time_s": 2.0, "time/setup_s": 0.5, "time/eval_s": 1.0,
+                    "time/report_s": 0.25, "val/per_class": [1.0, 0.5]}],
+             "b": [{"epoch": 1, "epoch_time_s": 2.5, "time/setup_s": 0.5, "time/eval_s": 0.5,
+                    "time/report_s": 0.0, "val/per_class": [0.0, 1.0]}]}
+    for trial_id, rows in lines.items():
+        folder = tmp_path / "ray" / f"run_trial_{trial_id}_1"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("".join(json.dumps({"trial_id": trial_id, **r}) + "\n" for r in rows))
+    reports = read_reports(tmp_path)
+    assert [r["epoch_time_s"] for r in reports["a"]] == [3.0, 3.0, 2.0]
+    assert "val/per_class" in reports["a"][-1] and reports["b"][-1]["val/per_class"] == [0.0, 1.0]
+
+    spent = SearchResults.load(tmp_path).time_spent()
+    assert spent["span_s"] == 10.0 and spent["slot_s"] == 20.0  # 100 → 110, 2 slots
+    parts = spent["parts"]
+    assert parts["training"] == 10.5 and parts["evaluation"] == 1.5
+    assert parts["data + trainer build"] == 1.0 and parts["checkpoints + reports"] == 0.25
+    assert parts["worker start + scheduling"] == pytest.approx((10 - 9.75) + (4 - 3.5))
+    assert parts["idle slots"] == pytest.approx(20 - 14)  # the trials' own 14 s of the 20
+    assert spent["efficiency"] == pytest.approx(10.5 / 20)
+    assert spent["median_fixed_s"] == pytest.approx(statistics.median([10 - 8.0, 4 - 2.5]))

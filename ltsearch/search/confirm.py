@@ -20,7 +20,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ltsearch.config import ConfigError
 from ltsearch.search.records import TrialRecords
 from ltsearch.search.results import CONFIRM_PREFIX, SEARCH_INFO
-from ltsearch.search.run import RAY_SUBDIR, Search, SearchStopped, _ended, _summary, _trainable, run_search
+from ltsearch.search.run import RAY_SUBDIR, Search, SearchStopped, print_stopped, print_summary, trainable_for, run_search
 from ltsearch.search.space import CONFIRM_OF, SEED
 
 
@@ -91,7 +91,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     open_runs = [r for r in TrialRecords(search.folder).trials.values()
                  if r.get(CONFIRM_OF) and r["status"] in ("RUNNING", "INTERRUPTED")]
     if open_runs and rounds and (rounds[-1] / "tuner.pkl").is_file():
-        tuner = tune.Tuner.restore(str(rounds[-1]), trainable=_trainable(search), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(rounds[-1]), trainable=trainable_for(search), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         replace_restored_callbacks(tuner, callbacks())
         if ending(tuner.fit(), 0) != "finished":
@@ -103,7 +103,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
           f"seeds each: {len(points)} runs", flush=True)
     searcher = Points(points, settings.metric, settings.mode)
     tuner = tune.Tuner(
-        _trainable(search),
+        trainable_for(search),
         tune_config=tune.TuneConfig(
             metric=settings.metric, mode=settings.mode, num_samples=len(points),
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
@@ -136,8 +136,8 @@ def main_confirm(args) -> int:
                              tracking_uri=args.tracking_uri or info.get("tracking_uri") or None,
                              verbose=args.verbose, confirm_only=True)
     except SearchStopped as stop:
-        return _ended(stop, folder.name, space,
+        return print_stopped(stop, folder.name, space,
                       f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}")
-    _summary(outcome, folder.name, space)
+    print_summary(outcome, folder.name, space)
     sys.stdout.flush()
     return 0

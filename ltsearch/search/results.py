@@ -14,7 +14,6 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ltsearch.config import ConfigError
 from ltsearch.search.records import TRIALS_FILE, TrialRecords
@@ -57,11 +56,10 @@ class SearchResults:
         rows = [r for r in self.records.trials.values() if not r.get("confirm_of")]
         return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
 
-    def time_spent(self, trial_ids: Optional[list[str]] = None) -> dict:
-        """Where the trials' slot time went, in seconds, from the first trial's start to the
+    def time_spent(self) -> dict:
+        """Where the search's slot time went, in seconds, from the first trial's start to the
         last one's end times the concurrent slots; ``efficiency`` is training's share."""
-        rows = [self.records.trials[t] for t in trial_ids] if trial_ids is not None else self.searched()
-        rows = [r for r in rows if r.get("started_at") and r.get("ended_at")]
+        rows = [r for r in self.searched() if r.get("started_at") and r.get("ended_at")]
         if not rows:
             return {}
         parts = {"training": 0.0, "evaluation": 0.0, "data + trainer build": 0.0,

@@ -253,7 +253,8 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
         return ending
 
 
-def _trainable(search: Search):
+def trainable_for(search: Search):
+    """Tune's trainable for the search's trials: the data once through the object store."""
     from ray import tune
 
     from ltsearch.search.trial import run_trial
@@ -277,7 +278,7 @@ def _tune(search: Search, verbose: int) -> str:
 
     space, settings = search.space, search.space.settings
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
-    trainable = _trainable(search)
+    trainable = trainable_for(search)
     callbacks = [SearchCallback(search.folder, space, search.tracker),  # records first: the
                  ProgressCallback(search.folder, space)]                  # progress reads them
     if search.resume:
@@ -436,9 +437,9 @@ def parse_confirm(value: Optional[str]) -> Optional[dict]:
     return {"top": int(parts[0]), "seeds": int(parts[1])}
 
 
-def _ended(stop: SearchStopped, name: str, space, again: str) -> int:
+def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     """The summary and one line on how to continue; the exit status."""
-    _summary(stop.outcome, name, space)
+    print_summary(stop.outcome, name, space)
     if stop.outcome.ending == "interrupted":
         print(f"interrupted — continue with `{again}`", file=sys.stderr)
         return 130
@@ -460,14 +461,14 @@ def main_search(args) -> int:
                              tracking_uri=args.tracking_uri, resume=args.resume,
                              verbose=args.verbose)
     except SearchStopped as stop:
-        return _ended(stop, name, space, f"ltsearch search {args.space} --resume"
+        return print_stopped(stop, name, space, f"ltsearch search {args.space} --resume"
                       + (f" --name {args.name}" if args.name else "")
                       + (f" --storage {args.storage}" if args.storage != "searches" else ""))
-    _summary(outcome, name, space)
+    print_summary(outcome, name, space)
     return 0
 
 
-def _summary(outcome: SearchOutcome, name: str, space) -> None:
+def print_summary(outcome: SearchOutcome, name: str, space) -> None:
     counts: dict[str, int] = {}
     confirmations: dict[str, int] = {}
     for r in outcome.records.trials.values():
