@@ -99,8 +99,10 @@ def run_confirmation(search: Search, verbose: int) -> str:
     points = confirmation_points(search)
     if not points:
         return "finished"
-    print(f"confirming the {settings.confirm.top} best configs with {settings.confirm.seeds} fresh "
-          f"seeds each: {len(points)} runs", flush=True)
+    top, seeds = settings.confirm.top, settings.confirm.seeds
+    print(f"confirming {'the best config' if top == 1 else f'the {top} best configs'} with {seeds} "
+          f"fresh seed{'s' if seeds > 1 else ''}{' each' if top > 1 else ''}: {len(points)} "
+          f"run{'s' if len(points) > 1 else ''} to do", flush=True)
     searcher = Points(points, settings.metric, settings.mode)
     tuner = tune.Tuner(
         trainable_for(search),
