@@ -86,6 +86,32 @@ def _trials(folder: Path) -> dict:
         return {}
 
 
+def _ctrl_c(cmd, log: Path, until, what: str) -> tuple[int, str]:
+    """Start the search, press Ctrl-C once ``until()`` holds; its exit status and output."""
+    driver = _start(cmd, log)
+    try:
+        _wait(until, 300, what)
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        driver.wait(120)
+    finally:
+        _stop(driver)
+    return driver.returncode, log.read_text()
+
+
+def _nothing_running(uri: str):
+    """The MLflow client and experiment, after checking that no run is RUNNING."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ltsearch").experiment_id
+    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+    return client, exp
+
+
+def _resume(cmd) -> subprocess.CompletedProcess:
+    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return resumed
+
+
 def test_resume_after_sigkill(tmp_path):
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
     data["search"].update(num_samples=4, max_concurrent=1, asha={"enabled": False})
@@ -205,17 +231,11 @@ def test_ctrl_c_then_resume(tmp_path):
     data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd, folder = _search_cmd(tmp_path, data, "i", uri)
-    driver = _start(cmd, tmp_path / "first.log")
-    try:
-        _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
-              and any(r["status"] == "RUNNING" and r["epochs"] >= 1 for r in _trials(folder).values()),
-              300, "a finished trial and a running one")
-        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
-        driver.wait(120)
-    finally:
-        _stop(driver)
-    log = (tmp_path / "first.log").read_text()
-    assert driver.returncode == 130, log[-3000:]
+    code, log = _ctrl_c(cmd, tmp_path / "first.log",
+                        lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
+                        and any(r["status"] == "RUNNING" and r["epochs"] >= 1 for r in _trials(folder).values()),
+                        "a finished trial and a running one")
+    assert code == 130, log[-3000:]
     assert "interrupted — continue with `ltsearch search" in log and "--resume" in log
     records = _trials(folder)
     statuses = [r["status"] for r in records.values()]
@@ -223,12 +243,9 @@ def test_ctrl_c_then_resume(tmp_path):
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ltsearch").experiment_id
-    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+    client, exp = _nothing_running(uri)
 
-    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _resume(cmd)
     after = _trials(folder)
     assert len(after) == 3 and all(r["status"] == "COMPLETED" for r in after.values())
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
@@ -251,25 +268,16 @@ def test_ctrl_c_during_confirmation_then_resume(tmp_path):
                           confirm={"top": 1, "seeds": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd, folder = _search_cmd(tmp_path, data, "c", uri)
-    driver = _start(cmd, tmp_path / "first.log")
-    try:
-        _wait(lambda: any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
-                          for r in _trials(folder).values()), 300, "a confirmation run past its first epoch")
-        os.killpg(driver.pid, signal.SIGINT)
-        driver.wait(120)
-    finally:
-        _stop(driver)
-    log = (tmp_path / "first.log").read_text()
-    assert driver.returncode == 130 and "--resume" in log, log[-3000:]
+    code, log = _ctrl_c(cmd, tmp_path / "first.log",
+                        lambda: any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
+                                    for r in _trials(folder).values()), "a confirmation run past its first epoch")
+    assert code == 130 and "--resume" in log, log[-3000:]
     records = _trials(folder)
     assert [r["status"] for r in records.values() if not r.get("confirm_of")] == ["COMPLETED"]
     assert "INTERRUPTED" in [r["status"] for r in records.values() if r.get("confirm_of")]
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("ltsearch").experiment_id
-    assert not [r for r in client.search_runs([exp]) if r.info.status == "RUNNING"]
+    client, exp = _nothing_running(uri)
 
-    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = _resume(cmd)
     after = _trials(folder)
     runs = [r for r in after.values() if r.get("confirm_of")]
     best = max((r for r in after.values() if not r.get("confirm_of")),

@@ -16,8 +16,7 @@ from typing import Optional
 from ray.tune import Callback
 
 from ltsearch.recipes import reported_metrics
-from ltsearch.search.records import TrialRecords, error_text, finished_status, scalars
-from ltsearch.search.space import CONFIRM_OF, SEED
+from ltsearch.search.records import CONFIRM_OF, SEED, TrialRecords, error_text, finished_status, scalars
 from ltsearch.search.tracker import Tracker
 
 TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs

@@ -10,7 +10,6 @@ more configs runs only what is new.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -18,10 +17,9 @@ from pathlib import Path
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import TrialRecords
-from ltsearch.search.results import CONFIRM_PREFIX, SEARCH_INFO
+from ltsearch.search.records import CONFIRM_OF, SEED, TrialRecords
+from ltsearch.search.results import CONFIRM_PREFIX, read_info
 from ltsearch.search.run import RAY_SUBDIR, Search, SearchStopped, print_stopped, print_summary, trainable_for, run_search
-from ltsearch.search.space import CONFIRM_OF, SEED
 
 
 class Points(Searcher):
@@ -128,8 +126,7 @@ def main_confirm(args) -> int:
     for flag, value in (("--top", args.top), ("--seeds", args.seeds)):
         if value < 1:
             raise ConfigError(flag, f"must be >= 1, got {value}")
-    info_path = folder / SEARCH_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_info(folder)
     overrides = {"confirm": {"top": args.top, "seeds": args.seeds},
                  "tracking": "none" if args.no_tracking else info.get("tracking")}
     space = load_search_file(folder / "search.yaml", overrides)

@@ -23,9 +23,7 @@ def export_search(search_dir: Path, top: int, out: Path, pareto: bool = False) -
                                           f"({settings.metric}); search.objectives names two or more")
         chosen = [("pareto", r) for r in records.pareto(settings.objectives, settings.mode)]
     else:
-        confirmed = [records.trials[c["trial_id"]] for c in records.confirmed(settings.metric, settings.mode)]
-        rest = [r for r in records.ranked(settings.metric, settings.mode) if r not in confirmed]
-        chosen = [("top", r) for r in (confirmed + rest)[:top]]
+        chosen = [("top", r) for r in records.selection(settings.metric, settings.mode)[:top]]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, (kind, r) in enumerate(chosen, start=1):

@@ -19,6 +19,8 @@ import yaml
 from ltsearch.metrics import SCALARS
 
 TRIALS_FILE = "trials.json"
+CONFIRM_OF = "confirm_of"  # a confirmation run's record (and Tune config): the trial it confirms,
+SEED = "seed"              # and its fresh seed
 SCALAR_METRICS = (*(f"val/{m}" for m in SCALARS), *(f"test/{m}" for m in SCALARS), "train/loss")
 
 
@@ -53,36 +55,35 @@ class TrialRecords:
 
     def ranked(self, metric: str, mode: str, completed_only: bool = True) -> list[dict]:
         """The search's trials (not confirmation runs) by ``metric``, best first."""
-        rows = [r for r in self.trials.values() if not r.get("confirm_of")
+        rows = [r for r in self.trials.values() if not r.get(CONFIRM_OF)
                 and (not completed_only or r["status"] == "COMPLETED") and _finite(r["metrics"].get(metric))]
         return sorted(rows, key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
 
     def confirmed(self, metric: str, mode: str) -> list[dict]:
         """Per confirmed trial, its confirmation runs that ran to the end: ``mean`` and ``std``
-        (sample, 0 for one seed) of ``metric`` over ``n`` seeds, and the same of test top-1;
-        best mean first."""
+        (sample, 0 for one seed) of ``metric`` over ``n`` seeds; best mean first."""
         runs: dict[str, list[dict]] = {}
         for r in self.trials.values():
-            if r.get("confirm_of") and r["status"] == "COMPLETED" and _finite(r["metrics"].get(metric)):
-                runs.setdefault(r["confirm_of"], []).append(r)
+            if r.get(CONFIRM_OF) and r["status"] == "COMPLETED" and _finite(r["metrics"].get(metric)):
+                runs.setdefault(r[CONFIRM_OF], []).append(r)
         out = []
         for trial_id, rows in runs.items():
             values = [r["metrics"][metric] for r in rows]
-            tests = [r["metrics"]["test/top1"] for r in rows if _finite(r["metrics"].get("test/top1"))]
             out.append({"trial_id": trial_id, "method": rows[0]["method"], "config": self.trials[trial_id]["config"],
                         "n": len(values), "mean": statistics.mean(values), "std": _std(values),
-                        "seeds": sorted(r["seed"] for r in rows), "test_mean": statistics.mean(tests) if tests else None,
-                        "test_std": _std(tests) if tests else None})
+                        "seeds": sorted(r[SEED] for r in rows)})
         return sorted(out, key=lambda c: c["mean"], reverse=(mode == "max"))
 
+    def selection(self, metric: str, mode: str) -> list[dict]:
+        """The trials to train, best first: confirmed ones by their confirmed mean, then the
+        other trials that ran to the end by ``metric``."""
+        confirmed = [self.trials[c["trial_id"]] for c in self.confirmed(metric, mode)]
+        return confirmed + [r for r in self.ranked(metric, mode) if r not in confirmed]
+
     def best_config(self, metric: str, mode: str) -> Optional[dict]:
-        """The config to train: the best confirmed mean where there are confirmation runs,
-        else the best trial that ran to the end."""
-        confirmed = self.confirmed(metric, mode)
-        if confirmed:
-            return confirmed[0]["config"]
-        ranked = self.ranked(metric, mode)
-        return ranked[0]["config"] if ranked else None
+        """The config to train (``best_config.yaml``): the first of :meth:`selection`."""
+        chosen = self.selection(metric, mode)
+        return chosen[0]["config"] if chosen else None
 
     def pareto(self, objectives: list[str], mode: str) -> list[dict]:
         """The search's trials that ran to the end and that no other such trial beats on every
@@ -111,11 +112,11 @@ class TrialRecords:
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["trial_id", "method", "status", "epochs", "total_epochs", "node_id",
-                        "confirm_of", "seed", *SCALAR_METRICS, *keys])
+                        CONFIRM_OF, SEED, *SCALAR_METRICS, *keys])
             for r in self.trials.values():
                 flat = flatten(r["config"])
                 w.writerow([r["trial_id"], r["method"], r["status"], r.get("epochs"),
-                            r.get("total_epochs"), r.get("node_id"), r.get("confirm_of"), r.get("seed"),
+                            r.get("total_epochs"), r.get("node_id"), r.get(CONFIRM_OF), r.get(SEED),
                             *[r["metrics"].get(m) for m in SCALAR_METRICS],
                             *[flat.get(k) for k in keys]])
 

@@ -182,7 +182,6 @@ def per_class_section(res: SearchResults) -> Section:
 
     counts = res.info.get("counts")
     ranked = res.records.ranked(res.metric, res.mode, completed_only=False)
-    ranked = [r for r in ranked if not r.get("confirm_of")]
     if not ranked or not counts:
         return Section("Per-class accuracy", "No trial with per-class accuracy (or no class counts in search.json).")
     best = next((r for r in ranked if r["status"] == "COMPLETED"), ranked[0])
@@ -321,17 +320,14 @@ def write_report(folder: Path) -> Path:
 
 def main_report(args) -> int:
     """Write the page; attach it and its figures to the search's tracking record, if any."""
-    import json
-
     from ltsearch.config import ConfigError
-    from ltsearch.search.results import SEARCH_INFO
+    from ltsearch.search.results import read_info
     from ltsearch.search.tracker import make_tracker
 
     folder = Path(args.search_dir).resolve()
     if not (folder / "trials.json").is_file():
         raise ConfigError("search_dir", f"{folder} holds no trials.json: not a search folder")
-    info_path = folder / SEARCH_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_info(folder)
     kind = "none" if args.no_tracking else info.get("tracking", "none")
     tracker = make_tracker(kind, args.tracking_uri or info.get("tracking_uri"),
                            info.get("experiment", "ltsearch"), info.get("classes", []),

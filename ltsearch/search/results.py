@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import TRIALS_FILE, TrialRecords
+from ltsearch.search.records import CONFIRM_OF, TRIALS_FILE, TrialRecords
 
 SEARCH_INFO = "search.json"
 CONFIRM_PREFIX = "confirm-"  # Tune's experiment folders: ray/ (the search), confirm-N/ (its
@@ -39,9 +39,7 @@ class SearchResults:
         if not (folder / TRIALS_FILE).is_file():
             raise ConfigError("search_dir", f"{folder} holds no {TRIALS_FILE}: not a search folder")
         space = load_search_file(folder / "search.yaml")
-        info_path = folder / SEARCH_INFO
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        return cls(folder, space, TrialRecords(folder), info, read_reports(folder))
+        return cls(folder, space, TrialRecords(folder), read_info(folder), read_reports(folder))
 
     @property
     def metric(self) -> str:
@@ -53,7 +51,7 @@ class SearchResults:
 
     def searched(self) -> list[dict]:
         """The search's own trials (not its confirmation runs), in the order they started."""
-        rows = [r for r in self.records.trials.values() if not r.get("confirm_of")]
+        rows = [r for r in self.records.trials.values() if not r.get(CONFIRM_OF)]
         return sorted(rows, key=lambda r: r.get("started_at") or 0.0)
 
     def time_spent(self) -> dict:
@@ -81,6 +79,12 @@ class SearchResults:
                     r["ended_at"] - r["started_at"]
                     - sum(x.get("epoch_time_s", 0.0) for x in self.reports.get(r["trial_id"], []))
                     for r in rows)}
+
+
+def read_info(folder: Path) -> dict:
+    """``search.json`` ({} for a folder from before it existed)."""
+    path = Path(folder) / SEARCH_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_reports(folder: Path) -> dict[str, list[dict]]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 from ltsearch.config import ConfigError, writable_folder
 from ltsearch.runconfig import config_from_dict
+from ltsearch.search.records import CONFIRM_OF
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
 def _check_finished(search: Search) -> None:
     from ltsearch.search.records import TrialRecords
 
-    trials = [r for r in TrialRecords(search.folder).trials.values() if not r.get("confirm_of")]
+    trials = [r for r in TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF)]
     if len(trials) < search.space.settings.num_samples or any(
             r["status"] in ("RUNNING", "INTERRUPTED") for r in trials):
         raise ConfigError("search_dir", f"the search in {search.folder} has not finished: continue "
@@ -472,7 +473,7 @@ def print_summary(outcome: SearchOutcome, name: str, space) -> None:
     counts: dict[str, int] = {}
     confirmations: dict[str, int] = {}
     for r in outcome.records.trials.values():
-        kept = confirmations if r.get("confirm_of") else counts
+        kept = confirmations if r.get(CONFIRM_OF) else counts
         kept[r["status"]] = kept.get(r["status"], 0) + 1
 
     def said(c: dict) -> str:

@@ -42,6 +42,7 @@ from ltsearch.metrics import SCALARS
 from ltsearch.recipes import PRESETS
 from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES
 from ltsearch.runconfig import config_from_dict
+from ltsearch.search.records import SEED
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -119,8 +120,6 @@ class ConfirmSettings:
     seeds: int = spec(3, ge=1, doc="fresh seeds per confirmed config")
 
 
-CONFIRM_OF = "confirm_of"  # a confirmation trial's Tune config: the trial it confirms,
-SEED = "seed"              # and its fresh seed, beside that trial's own values
 
 
 @dataclass
