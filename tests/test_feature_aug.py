@@ -75,6 +75,20 @@ def test_tau_pair_is_validated():
     assert e.value.key == "method.stage2.tau_g" and "below tau_s" in str(e.value)
 
 
+@pytest.mark.parametrize("stage2,key,text", [
+    ({"k": 6}, "method.stage2.k", "needs 6 head classes; the tail split leaves 5"),
+    ({"tail_share": 0.5}, "method.stage2.tail_share", "tail_share=0.5 leaves 0 head classes"),
+    ({"tail_count": 10}, "method.stage2.tail_count", "tail_count=10 leaves no tail class"),
+])
+def test_a_tail_split_the_data_cannot_give_names_its_key(digits_data, stage2, key, text):
+    """digits-LT (10 classes, 128 down to 14 images): 5 tail classes by default, every class
+    under half of the images, none under 10."""
+    cfg = make_config({"name": "feature_aug", "stage2": stage2})
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, digits_data)
+    assert e.value.key == key and text in str(e.value)
+
+
 def test_feature_aug_after_any_first_stage(digits_data):
     cfg = make_config({**FA, "loss": {"name": "ldam"}, "weights": {"start": 1}}, train={"epochs": 2})
     result = Trainer(cfg, digits_data).fit()

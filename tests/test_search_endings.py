@@ -49,6 +49,26 @@ def test_a_choice_against_a_range_is_checked_whatever_the_space_size():
     assert "tau_s" in str(e.value)
 
 
+@pytest.mark.parametrize("params,key,text", [
+    ({"stage2.k": {"int": [1, 6]}}, "space.method.feature_aug.stage2.k",
+     "value 6: needs 6 head classes; the tail split leaves 5 (tail_fraction=0.5"),
+    ({"stage2.tail_count": {"int": [20, 200]}}, "space.method.feature_aug.stage2.tail_count",
+     "value 200: tail_count=200 leaves 0 head classes on this data (10 classes of 128 down to 14"),
+    ({"stage2.tail_count": 5}, "space.method.feature_aug", "value 5: tail_count=5 leaves no tail class"),
+])
+def test_a_tail_split_the_data_cannot_give_is_refused_before_ray(tmp_path, capsys, params, key, text):
+    """feature_aug's tail split against the data's class counts (digits-LT IF=10: 10 classes,
+    128 down to 14 images) failed every such trial inside Ray; now the search exits 2 first."""
+    data = tiny_search(method={"ce": {}, "feature_aug": params})
+    data["search"]["tracking"] = "none"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path), "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and text in err[0] and str(path) in err[0], err
+    assert not (tmp_path / "s" / "s").exists()  # no search folder, no Ray
+
+
 def test_a_metric_no_trial_reports_is_refused(tmp_path, capsys):
     data = tiny_search(method={"ce": {}})
     data["search"]["metric"] = "val/balanced_accuracy"

@@ -107,6 +107,10 @@ def _file(**space):
     (_file(method={"bbn": {"stage2.name": {"choice": ["none", "crt"]}}}),
      "space.method.bbn.stage2.name", "needs the plain classifier"),
     (_file(train={"lr": {"uniformm": [0.1, 0.2]}}), "space.train.lr.uniformm", "distribution"),
+    (_file(data={"imbalance_factor": {"choice": [10, 100]}}), "space.data.imbalance_factor",
+     "every trial trains on the same data"),
+    (_file(train={"metrics": {"choice": [{"groups": "thresholds"}, {"groups": "thirds"}]}}),
+     "space.train.metrics", "every trial is selected by the same metrics"),
     ({**_file(), "serach": {}}, "serach", "unknown key"),
     ({**_file(), "search": {"num_samples": 0}}, "search.num_samples", ">= 1"),
     ({**_file(), "base": {"train": {"lrr": 1}}}, "base.train.lrr", "unknown key"),
@@ -150,3 +154,11 @@ def test_cifar_files_cover_every_preset_and_run_bbn_on_its_own_schedule(name):
                                               "weight_balancing.train.weight_decay": 0.005,
                                               "weight_balancing.stage2.thresh": 0.1})).train
     assert wb.weight_decay == 0.005
+
+
+def test_searched_augmentation_reaches_the_trial_config():
+    """The augmentation is the one data key a search may vary: the trainer applies it per trial."""
+    space = parse_search_file(_file(data={"augment": {"choice": [{"crop_pad": 0, "hflip": False},
+                                                                 {"crop_pad": 2, "hflip": True}]}}))
+    cfg = space.trial_config({"method": "ce", "data.augment": {"crop_pad": 2, "hflip": True}})
+    assert cfg["data"]["augment"] == {"crop_pad": 2, "hflip": True}

@@ -186,6 +186,19 @@ def check_recipe(cfg: RecipeConfig, train: TrainConfig, prefix: str = "method") 
             LOSSES.parse(nested, f"{prefix}.stage2.loss")
 
 
+def check_counts(cfg: RecipeConfig, counts: list[int], prefix: str = "method") -> None:
+    """Rules against the data's class counts (a part's ``check_counts``, such as feature_aug's
+    tail split): a search checks them on the driver before Ray starts, a run when it builds."""
+    for kind, part in cfg.parts().items():
+        check = getattr(getattr(part, "params", None), "check_counts", None)
+        if check is None:
+            continue
+        try:
+            check(counts)
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}.{kind}.{e.key}", e.message) from None
+
+
 def scale_recipe(cfg: RecipeConfig, ratio: float) -> dict:
     """The recipe's config with every absolute epoch-valued knob scaled (``--epochs``)."""
     out = cfg.to_dict()
@@ -203,6 +216,7 @@ class Recipe(Method):
         self.cfg = cfg
         self.ctx = ctx
         self.train_cfg = train
+        check_counts(cfg, ctx.counts)
         counts = ctx.counts_tensor
         self.loss_fn = LOSSES.get(cfg.loss.name)(cfg.loss.params, counts)
         w = cfg.weights

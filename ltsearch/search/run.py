@@ -144,6 +144,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     settings = space.settings
     base = config_from_dict(space.base)
     data = build_data(base.data)  # once, on the driver
+    space.check_counts(data.counts)
     m = base.train.metrics
     split = (m.many_threshold, m.few_threshold, m.groups)
     groups = describe_groups(data.counts, *split)
@@ -461,6 +462,10 @@ def main_search(args) -> int:
         outcome = run_search(space, name=name, storage=args.storage, address=args.address,
                              tracking_uri=args.tracking_uri, resume=args.resume,
                              verbose=args.verbose)
+    except ConfigError as e:
+        if e.key.split(".")[0] in ("base", "search", "space"):  # the file against its data
+            raise ConfigError(e.key, f"{e.message} (in {args.space})") from None
+        raise
     except SearchStopped as stop:
         return print_stopped(stop, name, space, f"ltsearch search {args.space} --resume"
                       + (f" --name {args.name}" if args.name else "")

@@ -35,12 +35,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from ltsearch.config import ConfigError, from_dict, read_yaml, spec
 from ltsearch.metrics import SCALARS
 from ltsearch.recipes import PRESETS
-from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES
+from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES, check_counts
 from ltsearch.runconfig import config_from_dict
 from ltsearch.search.records import SEED
 
@@ -230,6 +230,13 @@ class SearchSpace:
         """The leaderboard's name of a trial config: its preset, or its parts if composed."""
         return config_from_dict(cfg).method.label()
 
+    def check_counts(self, counts: list[int]) -> None:
+        """Every corner of the space against the data's class counts (feature_aug's tail split),
+        on the driver once it has the data, before Ray starts."""
+        for preset, dists in self.methods.items():
+            _check_combinations(self.base, self.train, preset, dists,
+                                lambda cfg: check_counts(config_from_dict(cfg).method, counts))
+
     def max_epochs(self) -> int:
         """ASHA's max_t: the longest trial the space allows (second stages included), from the
         configs at the ends of every epoch-valued range."""
@@ -309,34 +316,46 @@ def _assignment_for(dists: dict[str, Dist], fixed: dict) -> Optional[dict]:
     return values
 
 
-def _check_combinations(base: dict, knobs: dict[str, Dist], preset: str,
-                        dists: dict[str, Dist]) -> None:
+def _combinations(base: dict, knobs: dict[str, Dist], preset: str, dists: dict[str, Dist]):
     """Each value at the ends of every range (and every choice), alone and paired with every
-    other parameter's: a space whose values can combine into an invalid trial (``train.epochs``
-    and an absolute ``weights.start`` both searched) is refused before anything runs."""
+    other parameter's (the preset as it is when nothing is searched): (config dict, the values
+    fixed as (key, value) pairs, the varied one last)."""
     params = [(f"space.{k}", k, d, True) for k, d in knobs.items()]
     params += [(f"space.method.{preset}.{p}", p, d, False) for p, d in dists.items()]
+    pairs = [] if params else [[]]  # with parameters, their first values come first anyway
     for i, first in enumerate(params):
         for second in [None, *params[i + 1:]]:
             for a in first[2].extremes():
-                for b in (second[2].extremes() if second else [None]):
-                    fixed = [(first, a)] + ([(second, b)] if second else [])
-                    cfg = copy.deepcopy(base)
-                    for key, dist in knobs.items():
-                        value = next((v for (_, k, _, g), v in fixed if g and k == key),
-                                     dist.extremes()[0])
-                        section, name = key.split(".", 1)
-                        cfg = _with(cfg, section, name, value)
-                    values = _assignment_for(dists, {k: v for (_, k, _, g), v in fixed if not g})
-                    if values is None:
-                        continue
-                    cfg["method"] = method_dict(preset, values)
-                    try:
-                        config_from_dict(cfg)
-                    except ConfigError as e:
-                        key, value = fixed[-1][0][0], fixed[-1][1]
-                        given = f" with {fixed[0][0][0]} = {fixed[0][1]!r}" if second else ""
-                        raise ConfigError(key, f"value {value!r}{given}: {e.message}") from None
+                pairs += [[(first, a)] + ([(second, b)] if second else [])
+                          for b in (second[2].extremes() if second else [None])]
+    for fixed in pairs:
+        cfg = copy.deepcopy(base)
+        for key, dist in knobs.items():
+            value = next((v for (_, k, _, g), v in fixed if g and k == key), dist.extremes()[0])
+            section, name = key.split(".", 1)
+            cfg = _with(cfg, section, name, value)
+        values = _assignment_for(dists, {k: v for (_, k, _, g), v in fixed if not g})
+        if values is None:
+            continue
+        cfg["method"] = method_dict(preset, values)
+        yield cfg, [(p[0], v) for p, v in fixed]
+
+
+def _check_combinations(base: dict, knobs: dict[str, Dist], preset: str, dists: dict[str, Dist],
+                        check: Callable[[dict], Any] = config_from_dict) -> None:
+    """``check`` on every config of :func:`_combinations`: a space whose values can combine into
+    an invalid trial (``train.epochs`` and an absolute ``weights.start`` both searched) is refused
+    before anything runs, naming the value and the one it was paired with."""
+    for cfg, fixed in _combinations(base, knobs, preset, dists):
+        try:
+            check(cfg)
+        except ConfigError as e:
+            if not fixed:
+                raise ConfigError(f"space.method.{preset}", f"at its first values: {e.message}") from None
+            (key, value), given = fixed[-1], ""
+            if len(fixed) > 1:
+                given = f" with {fixed[0][0]} = {fixed[0][1]!r}"
+            raise ConfigError(key, f"value {value!r}{given}: {e.message}") from None
 
 
 def _with(base: dict, section: str, name: str, value) -> dict:
@@ -384,6 +403,15 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
             dist = parse_dist(value, key)
             if dist.when:
                 raise ConfigError(f"{key}.when", "only method parameters can be conditional")
+            if section == "data" and name != "augment":
+                # the driver builds the data once for every trial: a searched subset would be
+                # recorded in each trial's config but never trained on
+                raise ConfigError(key, "every trial trains on the same data (the search builds "
+                                       "it once); only data.augment may be searched. Run one "
+                                       "search per data setting")
+            if section == "train" and name == "metrics":
+                raise ConfigError(key, "every trial is selected by the same metrics: set "
+                                       "train.metrics in base")
             _with(base, section, name, None)  # the base section must be a mapping
             knobs[f"{section}.{name}"] = dist
 

@@ -104,6 +104,25 @@ class FeatureAugParams:
         if self.tail_share is not None and self.tail_count is not None:
             raise ConfigError("tail_count", "give tail_share or tail_count, not both")
 
+    def check_counts(self, counts: list[int]) -> None:
+        """The tail split must leave at least one tail class and ``k`` head classes on the data:
+        checked before a search starts (every corner of its space) and when a run builds it."""
+        rule, value = next((r, v) for r, v in (("tail_count", self.tail_count),
+                                               ("tail_share", self.tail_share),
+                                               ("tail_fraction", self.tail_fraction))
+                           if v is not None)
+        tails = tail_classes(counts, self.tail_fraction, self.tail_share, self.tail_count)
+        heads = len(counts) - len(tails)
+        on_data = f"on this data ({len(counts)} classes of {max(counts)} down to {min(counts)} images)"
+        if not tails:
+            raise ConfigError(rule, f"{rule}={value} leaves no tail class {on_data}")
+        if heads == 0:
+            raise ConfigError(rule, f"{rule}={value} leaves 0 head classes {on_data}; "
+                                    f"feature_aug fuses each tail class with k={self.k} head classes")
+        if heads < self.k:
+            raise ConfigError("k", f"needs {self.k} head classes; the tail split leaves {heads} "
+                                   f"({rule}={value}, {on_data})")
+
     @staticmethod
     def check_ranges(ranges: dict) -> None:
         """In a search space every τg must lie below every τs, so no sampled pair is invalid."""
@@ -127,10 +146,6 @@ class FeatureAug(Stage2):
         self.tails = tail_classes(ctx.counts, params.tail_fraction, params.tail_share,
                                   params.tail_count)
         self.heads = [c for c in range(ctx.num_classes) if c not in self.tails]
-        if not self.tails or len(self.heads) < params.k:
-            raise ConfigError("method.stage2.tail_fraction",
-                              f"gives {len(self.tails)} tail and {len(self.heads)} head classes; "
-                              f"need at least 1 tail and k={params.k} head classes")
         # row of each tail class in ``confusing`` (−1 for head classes)
         self.tail_slot = torch.full((ctx.num_classes,), -1, dtype=torch.long, device=ctx.device)
         self.tail_slot[self.tails] = torch.arange(len(self.tails), device=ctx.device)
