@@ -66,6 +66,26 @@ def _write_tree(root, classes=("cat", "dog"), per_class=(6, 3), size=8, corrupt=
         (root / corrupt).write_bytes(b"not an image at all")
 
 
+def test_digits_read_without_importing_scikit_learn_equal_load_digits():
+    """The driver reads the digits CSV directly (scikit-learn's import costs ~4 s): same
+    images, same labels, and scikit-learn left unimported."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ltsearch.data.sources import digits_arrays
+
+    images, target = digits_arrays()
+    d = load_digits()
+    np.testing.assert_array_equal(images, d.images)
+    np.testing.assert_array_equal(target, d.target)
+    code = ("import sys; from ltsearch.data.sources import load_digits_pools; "
+            "load_digits_pools(40); print('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 def test_image_folder_tree(tmp_path):
     _write_tree(tmp_path)
     pools = load_image_folder_pools(tmp_path)

@@ -6,6 +6,7 @@ long-tail subset and the balanced validation split are drawn from the train pool
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from collections import Counter
@@ -43,13 +44,27 @@ class Pools:
     val: Optional[ImageSet] = None
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (1797, 8, 8) pixel values 0–16 and their labels, read from the
+    CSV its wheel ships (the file ``load_digits`` reads) without importing scikit-learn, an
+    import that cost every search driver and ``ltsearch train`` about 4 s; ``load_digits``
+    where that file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
 def load_digits_pools(test_per_class: int, seed: int = 0) -> Pools:
     """scikit-learn's 8x8 digits as 1x8x8 uint8 images; a stratified test pool per class."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
+    images, target = digits_arrays()
+    x = np.round(images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
     rng = np.random.RandomState(seed)
     test_idx = []
     for c in range(10):
