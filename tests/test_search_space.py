@@ -162,3 +162,14 @@ def test_searched_augmentation_reaches_the_trial_config():
                                                                  {"crop_pad": 2, "hflip": True}]}}))
     cfg = space.trial_config({"method": "ce", "data.augment": {"crop_pad": 2, "hflip": True}})
     assert cfg["data"]["augment"] == {"crop_pad": 2, "hflip": True}
+
+
+def test_a_preset_searched_at_its_defaults_is_checked_against_the_counts_too():
+    """With nothing searched under it, feature_aug still needs k=3 head classes: on two
+    classes its default split (the rarer half) leaves one."""
+    space = parse_search_file(_file(method={"ce": {}, "feature_aug": {}}))
+    space.check_counts([100] * 4 + [10] * 4)  # 4 tail, 4 head classes: fits
+    with pytest.raises(ConfigError) as e:
+        space.check_counts([100, 10])
+    assert e.value.key == "space.method.feature_aug"
+    assert "at its first values: needs 3 head classes; the tail split leaves 1" in str(e.value)
