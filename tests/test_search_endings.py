@@ -152,3 +152,48 @@ def test_a_finished_search_closes_trials_ray_never_recorded_as_lost(tmp_path):
     finish_search(search, "finished")
     after = {k: r["status"] for k, r in TrialRecords(folder).trials.items()}
     assert after == {"known": "COMPLETED", "unknown": "LOST", "running": "LOST"}
+
+
+def _cli(args, env_extra, cwd):
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_DISABLE_TELEMETRY="true", **env_extra)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(Path(sys.executable).parent / "ltsearch"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ray_failing_to_start_is_reported_as_itself_and_the_records_are_closed(tmp_path):
+    """Ray cannot start (its temp dir lies under a file): the user reads Ray's error, not a
+    KeyError from closing an Optuna study that was never created, and nothing stays RUNNING."""
+    from mlflow import MlflowClient
+
+    (tmp_path / "a_file").write_text("")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _cli(["search", str(path), "--tracking-uri", uri],
+               {"RAY_TMPDIR": str(tmp_path / "a_file" / "ray")}, tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert err == [err[0], f"  everything recorded is closed; fix the cause, then "  # not --resume:
+                           f"`ltsearch search {path}`"], out.stderr           # nothing to resume
+    assert err[0].startswith("error: the search stopped: NotADirectoryError:"), out.stderr
+    assert "KeyError" not in out.stdout and out.stdout.strip().splitlines()[0] == "search s: no trial ran"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_before_ray(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    port = _free_port()
+    assert main(["search", str(path), "--storage", str(tmp_path / "s"),
+                 "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --address: no Ray cluster answers at "
+                                               f"127.0.0.1:{port}"), err
+    assert not (tmp_path / "s").exists()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     :class:`SearchStopped` after an interrupt or a driver error (the search is resumable).
     ``verbose``: 0 a line per trial event and a progress bar; 1 Tune's tables too; 2 Ray's own
     log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``)."""
+    check_address(address)
     search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
     if confirm_only:
         _check_finished(search)
@@ -119,6 +121,22 @@ def _check_finished(search: Search) -> None:
             r["status"] in ("RUNNING", "INTERRUPTED") for r in trials):
         raise ConfigError("search_dir", f"the search in {search.folder} has not finished: continue "
                                         "it with `ltsearch search FILE --resume` first")
+
+
+def check_address(address: Optional[str]) -> None:
+    """A cluster given as HOST:PORT (or ray://HOST:PORT) must answer before Ray is asked to
+    join it: Ray retries an address nothing listens at for ever."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("--address", f"must be HOST:PORT, ray://HOST:PORT, auto or local, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError("--address", f"no Ray cluster answers at {address} ({e.strerror or e}); "
+                                       "start one with `ray start --head`, or leave --address out "
+                                       "for a local Ray") from None
 
 
 def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
@@ -336,6 +354,8 @@ def _set_optuna_state(search: Search, numbers: list[int], state) -> None:
     finishes trials; an interrupted trial must stay resumable)."""
     import optuna
 
+    if not numbers:
+        return
     storage = optuna.storages.RDBStorage(search.study_uri)
     study_id = storage.get_study_id_from_name(search.name)
     for number in numbers:
@@ -369,8 +389,13 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     running = [k for k, r in records.trials.items() if r["status"] == "RUNNING"]
     open_optuna = []
     if (search.folder / "optuna.db").is_file():
-        open_optuna = [t.number for t in _study(search).get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+        try:
+            study = _study(search)
+        except KeyError:  # the search stopped before its study was created (Ray did not start)
+            study = None
+        if study is not None:
+            open_optuna = [t.number for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     if ending == "finished":
         # Trials Tune never recorded (started after its last snapshot, then the driver stopped)
         # cannot be continued: RUNNING after a killed driver, INTERRUPTED after a stopped one.
@@ -400,7 +425,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         log.warning("no trial ran to the end; best_config.yaml not written")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
                  search.folder / "trials.csv"] + ([best_path] if best_path else [])
-    report = _write_report(search.folder) if settings.report else None
+    report = _write_report(search.folder) if settings.report and records.trials else None
     if report is not None:
         artifacts += [report, report.parent / FIGURES]
     try:
@@ -466,8 +491,10 @@ def main_search(args) -> int:
         if e.key.split(".")[0] in ("base", "search", "space"):  # the file against its data
             raise ConfigError(e.key, f"{e.message} (in {args.space})") from None
         raise
-    except SearchStopped as stop:
-        return print_stopped(stop, name, space, f"ltsearch search {args.space} --resume"
+    except SearchStopped as stop:  # stopped before Tune saved anything: run it again, afresh
+        resumable = (stop.outcome.folder / RAY_SUBDIR / "tuner.pkl").is_file()
+        return print_stopped(stop, name, space, f"ltsearch search {args.space}"
+                      + (" --resume" if resumable else "")
                       + (f" --name {args.name}" if args.name else "")
                       + (f" --storage {args.storage}" if args.storage != "searches" else ""))
     print_summary(outcome, name, space)
@@ -484,6 +511,10 @@ def print_summary(outcome: SearchOutcome, name: str, space) -> None:
     def said(c: dict) -> str:
         return ", ".join(f"{v} {k.lower()}" for k, v in sorted(c.items()))
 
+    if not counts:
+        print(f"\nsearch {name}: no trial ran\n{outcome.tracking}")
+        sys.stdout.flush()
+        return
     more = f"; {sum(confirmations.values())} confirmation runs ({said(confirmations)})" if confirmations else ""
     print(f"\nsearch {name}: {sum(counts.values())} trials ({said(counts)}){more}")
     print(f"best trial per method (by {space.settings.metric}):\n{outcome.leaderboard}")
