@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -64,6 +65,7 @@ class Search:
     tracker: object  # a search.tracker.Tracker
     groups: str  # which many/medium/few split the metrics use, in words
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
+    ray_stopping: Optional[threading.Thread] = None  # the Ray this search started, shutting down
 
     @property
     def ray_dir(self) -> Path:
@@ -257,20 +259,26 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
     only those with ``confirm_only``); "finished" or "interrupted"."""
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         # "local" starts a fresh instance: without it Ray would join whatever cluster
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    with ray_messages_to(search.folder / RAY_LOG, verbose):  # after ray.init, which resets them
-        ending = "finished" if confirm_only else _tune(search, verbose)
-        if ending == "finished" and search.space.settings.confirm.top:
-            from ltsearch.search.confirm import run_confirmation
+    try:
+        with ray_messages_to(search.folder / RAY_LOG, verbose):  # after ray.init, which resets them
+            ending = "finished" if confirm_only else _tune(search, verbose)
+            if ending == "finished" and search.space.settings.confirm.top:
+                from ltsearch.search.confirm import run_confirmation
 
-            ending = run_confirmation(search, verbose)
-        return ending
+                ending = run_confirmation(search, verbose)
+            return ending
+    finally:
+        if started:  # nothing needs Ray now: its processes stop while the records close
+            search.ray_stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+            search.ray_stopping.start()
 
 
 def trainable_for(search: Search):
@@ -432,6 +440,8 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         search.tracker.end_search(ending, artifacts)
     except Exception as e:  # a lost tracking server must not hide the search's own ending
         log.warning("tracking records not closed (%s: %s); --resume reopens them", type(e).__name__, e)
+    if search.ray_stopping is not None:
+        search.ray_stopping.join()
     return SearchOutcome(search.folder, records, best_path, board, search.tracker.search_id,
                          search.tracker.uri, ending, search.tracker.describe(), report)
 
