@@ -321,3 +321,22 @@ def test_time_spent_and_reports_from_a_folder_as_it_lies(tmp_path):
     assert parts["idle slots"] == pytest.approx(20 - 14)  # the trials' own 14 s of the 20
     assert spent["efficiency"] == pytest.approx(10.5 / 20)
     assert spent["median_fixed_s"] == pytest.approx(statistics.median([10 - 8.0, 4 - 2.5]))
+
+
+def test_the_reports_imports_start_once_a_slot_stays_free_until_the_end():
+    """16 trials on 2 slots: while two or more are left to end, both slots may yet be busy;
+    once one is left, a slot stays free, and the report's imports (seconds of CPU) run there."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from ltsearch.search.callbacks import ReportPreload
+
+    trials = ([SimpleNamespace(status=Trial.TERMINATED) for _ in range(13)]
+              + [SimpleNamespace(status=Trial.RUNNING) for _ in range(3)])
+    preload = ReportPreload(total=16, slots=2)
+    preload.on_trial_complete(0, trials, trials[13])  # 14 ended: 2 left
+    assert not preload.started
+    trials[13].status = Trial.TERMINATED
+    preload.on_trial_error(0, trials, trials[14])  # 15 ended: 1 left, a slot is free for good
+    assert preload.started

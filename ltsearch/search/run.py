@@ -300,7 +300,7 @@ def _tune(search: Search, verbose: int) -> str:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from ltsearch.search.callbacks import ProgressCallback, SearchCallback
+    from ltsearch.search.callbacks import ProgressCallback, ReportPreload, SearchCallback
     from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
     from ltsearch.search.records import TrialRecords
 
@@ -309,6 +309,8 @@ def _tune(search: Search, verbose: int) -> str:
     trainable = trainable_for(search)
     callbacks = [SearchCallback(search.folder, space, search.tracker),  # records first: the
                  ProgressCallback(search.folder, space)]                  # progress reads them
+    if settings.report:
+        callbacks.append(ReportPreload(settings.num_samples, settings.max_concurrent))
     if search.resume:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
