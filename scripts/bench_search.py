@@ -13,6 +13,7 @@ the machine that printed them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,13 +38,13 @@ def run(space: Path, settings: dict, folder: Path) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                MLFLOW_DISABLE_TELEMETRY="true")
     exe = Path(sys.executable).parent / "ltsearch"
-    start = time.perf_counter()
+    start, clock = time.perf_counter(), time.time()  # trials.json holds wall-clock times
     out = subprocess.run([str(exe), "search", str(path)], cwd=folder, env=env,
                          capture_output=True, text=True)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"the search failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return {"wall": wall, "slots": data["search"].get("max_concurrent", 2),
+    return {"wall": wall, "began": clock, "slots": data["search"].get("max_concurrent", 2),
             **analyse(folder / "searches" / path.stem)}
 
 
@@ -67,7 +68,7 @@ def analyse(search_dir: Path) -> dict:
         parts["other"] = duration - train - sum(parts.values())
         numbers = [{k: v for k, v in x.items() if ("/" in k and not k.startswith("time/")) or k == "lr"}
                    for x in reports]
-        trials.append({"id": trial_id, "train": train, "duration": duration, "fixed": duration - train,
+        trials.append({"id": trial_id, "train": train, "epochs": len(reports), "duration": duration, "fixed": duration - train,
                        "parts": parts, "start": r["started_at"], "end": r["ended_at"],
                        "pid": last.get("pid"), "status": r["status"], "method": r["method"],
                        "config": r["config"], "metrics": r["metrics"], "numbers": numbers})
@@ -76,10 +77,15 @@ def analyse(search_dir: Path) -> dict:
 
 def summary(result: dict) -> dict:
     trials = result["trials"]
-    span = max(t["end"] for t in trials) - min(t["start"] for t in trials)
     train = sum(t["train"] for t in trials)
-    out = {"wall time (s)": result["wall"], "trials": len(trials),
+    first, last = min(t["start"] for t in trials), max(t["end"] for t in trials)
+    span = last - first
+    out = {"wall time (s)": result["wall"],
+           "  command start → first trial (s)": first - result["began"],
+           "  last trial end → exit (s)": result["began"] + result["wall"] - last,
+           "trials": len(trials),
            "worker processes": len({t["pid"] for t in trials}),
+           "epochs trained": sum(t["epochs"] for t in trials),
            "Σ epoch training (s)": train, "first start → last end (s)": span,
            "search efficiency (%)": 100 * train / (span * result["slots"]),
            "slot time between trials (s/trial)":
@@ -109,15 +115,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("space", type=Path)
     ap.add_argument("--only", choices=["old", "new"])
-    ap.add_argument("--keep", type=Path, help="keep the search folders here")
+    ap.add_argument("--keep", type=Path, help="keep the search folders here (else deleted)")
     args = ap.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, settings in (("old", OLD), ("new", NEW)):
         if args.only and args.only != name:
             continue
-        folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.keep))
-        print(f"running the {name} path in {folder} …", file=sys.stderr, flush=True)
-        results[name] = run(args.space.resolve(), settings, folder)
+        with (contextlib.nullcontext(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.keep))
+              if args.keep else tempfile.TemporaryDirectory(prefix=f"bench-{name}-")) as folder:
+            print(f"running the {name} path in {folder} …", file=sys.stderr, flush=True)
+            results[name] = run(args.space.resolve(), settings, Path(folder))
     sums = {k: summary(v) for k, v in results.items()}
     names = list(sums)
     print(f"{args.space} on {os.cpu_count()} CPU(s)")
