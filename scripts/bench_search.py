@@ -66,7 +66,8 @@ def analyse(search_dir: Path) -> dict:
                  "checkpoint + report": last.get("time/report_s", 0.0),
                  "tracking (driver)": r.get("driver_s", 0.0)}
         parts["other"] = duration - train - sum(parts.values())
-        numbers = [{k: v for k, v in x.items() if ("/" in k and not k.startswith("time/")) or k == "lr"}
+        numbers = [{k: v for k, v in x.items() if not isinstance(v, list)  # only a trial's last
+                    and (("/" in k and not k.startswith("time/")) or k == "lr")}  # report has lists
                    for x in reports]
         trials.append({"id": trial_id, "train": train, "epochs": len(reports), "duration": duration, "fixed": duration - train,
                        "parts": parts, "start": r["started_at"], "end": r["ended_at"],
