@@ -74,11 +74,10 @@ class Trainer:
 
         mean, std = channel_stats(data.train)
         aug = cfg.data.augment
-        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
-                                      channels_last=True)
-        self.val_set = DeviceImages(data.val, self.device, mean, std, channels_last=True)
+        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip)
+        self.val_set = DeviceImages(data.val, self.device, mean, std)
         self.test_set = (self.val_set if data.val is data.test else
-                         DeviceImages(data.test, self.device, mean, std, channels_last=True))
+                         DeviceImages(data.test, self.device, mean, std))
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
                             self.device)

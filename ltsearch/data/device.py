@@ -8,18 +8,18 @@ from ltsearch.data.sources import ImageSet
 
 
 class DeviceImages:
-    """A uint8 image tensor on ``device`` with batched pad-and-crop, flip and normalisation."""
+    """A uint8 image tensor on ``device`` with batched pad-and-crop, flip and normalisation;
+    batches come channels_last, the layout the trainer's convolutions run fastest in on CPU
+    (oneDNN) and GPU alike."""
 
     def __init__(self, images: ImageSet, device: torch.device, mean: torch.Tensor,
-                 std: torch.Tensor, crop_pad: int = 0, hflip: bool = False,
-                 channels_last: bool = False):
+                 std: torch.Tensor, crop_pad: int = 0, hflip: bool = False):
         self.x = torch.as_tensor(np.ascontiguousarray(images.x)).to(device)
         self.y = torch.as_tensor(images.y).to(device)
         self.mean = mean.to(device).view(1, -1, 1, 1)
         self.std = std.to(device).view(1, -1, 1, 1)
         self.crop_pad = crop_pad
         self.hflip = hflip
-        self.channels_last = channels_last
 
     def __len__(self):
         return len(self.y)
@@ -34,9 +34,7 @@ class DeviceImages:
             flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         x = (x - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.y[idx]
+        return x.contiguous(memory_format=torch.channels_last), self.y[idx]
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
