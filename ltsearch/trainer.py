@@ -31,6 +31,7 @@ from ltsearch.data.samplers import ClassIndex
 from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import build_body
+from ltsearch.optim import SGD
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.history: list[dict] = []
         self.phase_results: dict = {}  # test metrics at the end of each earlier phase
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: torch.optim.Optimizer | SGD | None = None
         self._phase_index: int | None = None
         self._compiled = None
         self._compile_verified = False
@@ -118,9 +119,12 @@ class Trainer:
         exempt = self.method.no_decay(phase)
         groups = [{"params": [p for p in params if p not in exempt]},
                   {"params": [p for p in params if p in exempt], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=o.lr,
-                                         momentum=o.momentum, nesterov=o.nesterov,
-                                         weight_decay=o.weight_decay, fused=self.cuda or None)
+        groups = [g for g in groups if g["params"]]
+        hyper = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        # CUDA: one fused kernel for all parameters. CPU: the same arithmetic without
+        # torch.optim, whose first use imports torch._dynamo (seconds per process).
+        self.optimizer = (torch.optim.SGD(groups, fused=True, **hyper) if self.cuda
+                          else SGD(groups, **hyper))
         self._phase_index = index
         self.method.on_phase_start(phase, index, resumed)
 

@@ -150,6 +150,10 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A local Ray prestarts a plain worker per CPU for the first driver; Tune's trial actors
+    # carry a runtime_env (its env_vars) and never use them, so they only take CPU from the
+    # trial workers starting beside them.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # snapshot often: cheap, resumes more
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
