@@ -219,7 +219,7 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
             assert sorted(steps) == list(range(1, 9)), (r.data.tags["ltsearch.trial_id"], steps)
         names = {a.path for a in client.list_artifacts(trial_runs[0].info.run_id)}
-        assert "confusion_matrix.png" in names
+        assert "confusion_matrix.svg" in names
     finally:
         for p in reversed(procs):
             _stop(p)

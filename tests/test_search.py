@@ -116,8 +116,8 @@ def test_mlflow_parent_and_child_runs(search):
             assert sorted(m.step for m in history) == list(range(1, record["epochs"] + 1))
         if record["status"] == "COMPLETED":
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert {"config.yaml", "per_class_accuracy.csv", "per_class_accuracy.png",
-                    "confusion_matrix.png"} <= names
+            assert {"config.yaml", "per_class_accuracy.csv", "per_class_accuracy.svg",
+                    "confusion_matrix.svg"} <= names
 
 
 def test_export_and_train_reproduce_the_best_trial(search, tmp_path):

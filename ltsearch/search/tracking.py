@@ -256,8 +256,7 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
                           counts: list[int]) -> None:
     """Trial config YAML, per-class accuracy (CSV and a bar chart against the training count)
     and the confusion matrix picture, from the last report (test when it has one)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, cheaper on a thread
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from ltsearch.search.trial_figures import confusion_svg, per_class_svg
 
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     split = "test" if "test/per_class" in result else "val"
@@ -271,41 +270,9 @@ def write_trial_artifacts(folder: Path, config: dict, result: dict, classes: lis
         test = result.get("test/per_class", [None] * len(classes))
         for c, name in enumerate(classes):
             fh.write(f"{name},{counts[c]},{_fmt(val[c])},{_fmt(test[c])}\n")
-
-    # Fixed margins rather than tight_layout, which measures every text (most of the cost).
-    fig = Figure(figsize=(max(6, len(classes) * 0.35), 4))
-    fig.subplots_adjust(left=0.1, right=0.86, bottom=0.15, top=0.9)
-    ax = fig.add_subplot()
-    ax.bar(range(len(classes)), [0 if v is None or v != v else v for v in per_class], color="tab:blue")
-    ax.set_ylabel(f"{split} accuracy")
-    ax.set_ylim(0, 1)
-    ax2 = ax.twinx()
-    ax2.plot(range(len(classes)), counts, color="tab:red", marker=".")
-    ax2.set_ylabel("training images", color="tab:red")
-    ax2.set_yscale("log")
-    ax2.set_yticks(sorted({min(counts), int(round((min(counts) * max(counts)) ** 0.5)), max(counts)}))
-    ax2.yaxis.set_major_formatter(ScalarFormatter())  # the counts themselves, not 10^k
-    ax2.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(range(len(classes)))
-    ax.set_xticklabels(classes, rotation=90, fontsize=7)
-    ax.set_title(f"per-class {split} accuracy vs training count")
-    fig.savefig(folder / "per_class_accuracy.png", dpi=100)
-
+    (folder / "per_class_accuracy.svg").write_text(per_class_svg(classes, per_class, counts, split))
     if confusion is not None:
-        fig = Figure(figsize=(6, 5))
-        fig.subplots_adjust(left=0.12, right=0.95, bottom=0.15, top=0.92)
-        ax = fig.add_subplot()
-        im = ax.imshow(confusion, cmap="Blues")
-        fig.colorbar(im, ax=ax)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if len(classes) <= 20:
-            ax.set_xticks(range(len(classes)))
-            ax.set_xticklabels(classes, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(classes)))
-            ax.set_yticklabels(classes, fontsize=7)
-        ax.set_title(f"{split} confusion matrix")
-        fig.savefig(folder / "confusion_matrix.png", dpi=100)
+        (folder / "confusion_matrix.svg").write_text(confusion_svg(classes, confusion, split))
 
 
 def _fmt(v) -> str:
