@@ -153,3 +153,31 @@ def test_torchvision_cifar10_files(tmp_path):
     # 20 images per class in the pool, n_max = 20, IF 4: int(20·4^(−i/9)), capped at 18 (val 2)
     assert data.counts == [min(18, int(20 * 0.25 ** (i / 9))) for i in range(10)]
     assert data.train.x.shape[1:] == (3, 32, 32)
+
+
+def test_read_only_arrays_from_rays_object_store_are_shared_without_a_warning(digits_data):
+    """A trial worker gets the data from Ray's object store as read-only arrays shared by every
+    worker on the node: the trainer reads them in place (no copy per worker) and PyTorch's
+    "not writable" warning, meant for tensors that get written, is not raised."""
+    import warnings
+
+    import torch
+
+    from ltsearch.data.device import DeviceImages, channel_stats
+    from ltsearch.data.sources import ImageSet
+
+    def frozen(s):
+        x, y = s.x.copy(), s.y.copy()
+        x.setflags(write=False)
+        y.setflags(write=False)
+        return ImageSet(x, y)
+
+    train = frozen(digits_data.train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, std = channel_stats(train)
+        images = DeviceImages(train, torch.device("cpu"), mean, std)
+    assert images.x.data_ptr() == train.x.ctypes.data and images.y.data_ptr() == train.y.ctypes.data
+    assert torch.allclose(mean, torch.as_tensor(digits_data.train.x / 255.0).mean(dim=(0, 2, 3)).float())
+    x, y = images.batch(torch.arange(4), augment=False)  # batches are fresh tensors
+    assert x.shape[0] == 4 and torch.equal(y, torch.as_tensor(digits_data.train.y[:4]))

@@ -1,6 +1,8 @@
 """Data kept on the trainer's device, augmented in batches there (no per-image PIL in the loop)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -14,8 +16,8 @@ class DeviceImages:
 
     def __init__(self, images: ImageSet, device: torch.device, mean: torch.Tensor,
                  std: torch.Tensor, crop_pad: int = 0, hflip: bool = False):
-        self.x = torch.as_tensor(np.ascontiguousarray(images.x)).to(device)
-        self.y = torch.as_tensor(images.y).to(device)
+        self.x = shared(np.ascontiguousarray(images.x)).to(device)
+        self.y = shared(images.y).to(device)
         self.mean = mean.to(device).view(1, -1, 1, 1)
         self.std = std.to(device).view(1, -1, 1, 1)
         self.crop_pad = crop_pad
@@ -52,5 +54,15 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -
 
 def channel_stats(images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the training images, in [0, 1] units."""
-    x = torch.as_tensor(images.x).float().div_(255.0)
+    x = shared(images.x).float().div_(255.0)
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+
+def shared(a: np.ndarray) -> torch.Tensor:
+    """A tensor over ``a``'s memory. In a trial worker ``a`` lies in Ray's object store, read-only
+    and shared by every worker on the node; the trainer only reads it (batches are gathered
+    into new tensors), so it is not copied and PyTorch's warning about tensors over
+    non-writable arrays, which is about writing to them, is silenced here alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(a)
