@@ -6,7 +6,8 @@ loss, SGD steps. Validation runs every ``eval_every`` epochs, test at the end; e
 epoch's metrics go to a callback. Images and weights are channels_last on every device (oneDNN's
 CPU convolutions run ResNet-32 15–25 % faster so, measured on 8×8 and 32×32 inputs). On CUDA:
 bf16 autocast, fused SGD and ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, static
-shapes via drop-last batches).
+shapes via drop-last batches). On the CPU: :mod:`ltsearch.optim`'s SGD, the same arithmetic
+without torch.optim's import of torch._dynamo.
 
 Randomness is derived from (seed, epoch), so a run resumed from a checkpoint draws the same
 indices, augmentations and per-step values as an uninterrupted one.
