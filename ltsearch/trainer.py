@@ -182,7 +182,7 @@ class Trainer:
                 self._compiled, forward = self.model, self.model
                 with autocast:
                     loss = self.method.loss(forward, batches, phase, e, k)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             self.method.after_step(phase)

@@ -26,7 +26,7 @@ def _steps(opt, ps, n, seed):
     for k in range(n):
         for group in opt.param_groups:  # the trainer sets each epoch's lr in place
             group["lr"] = 0.1 / (k + 1)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss = sum((p * torch.randn(p.shape, generator=g)).sum() ** 2 for i, p in enumerate(ps) if i != 2)
         loss.backward()
         opt.step()
