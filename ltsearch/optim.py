@@ -19,7 +19,8 @@ class SGD:
     def __init__(self, groups: list[dict], *, lr: float, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0):
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                    "weight_decay": weight_decay, "dampening": 0.0}
+                    "weight_decay": weight_decay,
+                    "dampening": 0.0}  # never used here; torch.optim.SGD reads it on resume
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         self.state: dict[torch.Tensor, dict] = {}
 
