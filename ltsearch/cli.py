@@ -12,6 +12,10 @@ from pathlib import Path
 from ltsearch.config import ConfigError, writable_folder
 from ltsearch.data import DataError
 
+ADDRESS_HELP = ("the Ray cluster to join: HOST:PORT, ray://HOST:PORT, auto (the cluster `ray start` "
+                "recorded on this machine) or local (default: RAY_ADDRESS if set, else a fresh "
+                "local Ray)")
+
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run a search described by a search-space file")
     s.add_argument("space")
-    s.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    s.add_argument("--address", help=ADDRESS_HELP)
     s.add_argument("--name", help="search name (folder under --storage)")
     s.add_argument("--storage", default="searches", help="folder of search results (default searches/)")
     s.add_argument("--num-samples", type=int)
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("search_dir")
     c.add_argument("--top", type=int, default=3, help="how many of the best configs (default 3)")
     c.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
-    c.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    c.add_argument("--address", help=ADDRESS_HELP)
     c.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
     c.add_argument("--no-tracking", action="store_true", help="record only in the search folder")
     c.add_argument("-v", "--verbose", action="count", default=0)

@@ -1,9 +1,10 @@
 import os
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The tests and every process they start (the CLI, `ray start`, `mlflow server`) inherit these:
+# nothing the shell set may pick a cluster, an experiment or an auth mode for them.
+os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true")
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+os.environ.pop("RAY_ADDRESS", None)
 
 from pathlib import Path  # noqa: E402
 

@@ -28,3 +28,13 @@ def test_tuner_run_config_callbacks(tmp_path):
     marker = tune.Callback()
     replace_restored_callbacks(tuner, [marker])
     assert tuner._local_tuner._run_config.callbacks == [marker]
+
+
+def test_the_cluster_ray_start_recorded(tmp_path, monkeypatch):
+    from ltsearch.search.ray_private import recorded_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert recorded_cluster() == (None, str(tmp_path / "ray"))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.7:6379\n")
+    assert recorded_cluster() == ("10.0.0.7:6379", str(tmp_path / "ray"))

@@ -22,13 +22,9 @@ BIN = Path(sys.executable).parent
 
 
 def _env():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # `mlflow server` without its five
-               # job-runner processes (each imports MLflow: seconds of CPU on 2 cores)
-    env.pop("MLFLOW_EXPERIMENT_ID", None)
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return dict(os.environ, PYTHONUNBUFFERED="1",  # conftest set the rest
+                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # `mlflow server` without its five
+                # job-runner processes (each imports MLflow: seconds of CPU on 2 cores)
 
 
 def _start(cmd, log: Path, cwd=None):

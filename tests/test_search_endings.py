@@ -80,6 +80,60 @@ def test_a_metric_no_trial_reports_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("how", ["auto, nothing recorded", "auto, a stale record", "RAY_ADDRESS"])
+def test_a_cluster_named_by_auto_or_ray_address_must_answer_before_ray(tmp_path, capsys, monkeypatch, how):
+    """`--address auto` with no `ray start` on this machine used to leave a search folder and a
+    FAILED MLflow run behind and exit 1 with Ray's message (a stale record: Ray retried it for
+    ever); RAY_ADDRESS (`ray job submit` sets it) was ignored and a local Ray started instead."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    port = _free_port()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))  # where `ray start` records its cluster
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["search", str(path), "--storage", str(tmp_path / "s"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    if how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        expected = f"error: RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:{port} ("
+    else:
+        args += ["--address", "auto"]
+        expected = ("error: --address: auto: no cluster was started with `ray start` on this "
+                    "machine (none recorded in ")
+        if how == "auto, a stale record":
+            (tmp_path / "tmp" / "ray").mkdir(parents=True)
+            (tmp_path / "tmp" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+            expected = (f"error: --address: no Ray cluster answers at 127.0.0.1:{port} "
+                        f"(auto: the cluster `ray start` recorded in {tmp_path / 'tmp' / 'ray'}")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_which_cluster_a_search_joins(tmp_path, monkeypatch):
+    """Left out, `--address` is RAY_ADDRESS when set (as ray.init reads it), else a fresh local
+    Ray; `auto` is RAY_ADDRESS, else the cluster `ray start` recorded; `local` is always fresh."""
+    from ltsearch.search.run import resolve_address
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        here = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        assert resolve_address(None) is None and resolve_address("local") is None
+        assert resolve_address(here) == here and resolve_address(f"ray://{here}") == f"ray://{here}"
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(here + "\n")
+        assert resolve_address("auto") == here
+        assert resolve_address(None) is None  # a recorded cluster is joined only when asked
+        monkeypatch.setenv("RAY_ADDRESS", here)
+        assert resolve_address(None) == here and resolve_address("auto") == here
+        assert resolve_address("local") is None
+        monkeypatch.setenv("RAY_ADDRESS", "auto")  # what `ray job submit` gives its entrypoint
+        assert resolve_address(None) == here
+
+
 def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
@@ -158,9 +212,7 @@ def _cli(args, env_extra, cwd):
     import os
     from pathlib import Path
 
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               MLFLOW_DISABLE_TELEMETRY="true", **env_extra)
-    env.pop("RAY_ADDRESS", None)
+    env = dict(os.environ, **env_extra)  # conftest set the rest
     return subprocess.run([str(Path(sys.executable).parent / "ltsearch"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -1,13 +1,18 @@
-"""Every use of Ray Tune's private attributes, in one place; ``tests/test_ray_private.py``
-fails loudly when a Ray release changes one of them.
+"""Every use of Ray's private attributes, in one place; ``tests/test_ray_private.py`` fails
+loudly when a Ray release changes one of them.
 
 - ``OptunaSearch._ot_trials`` (Tune trial id → Optuna trial), ``._ot_study`` and
   ``._completed_trials``: Tune's searcher API has no hook to report intermediate values to
   Optuna or to tell a trial PRUNED.
 - ``Tuner._local_tuner._run_config.callbacks``: ``Tuner.restore`` takes no callbacks, and the
   pickled ones hold a closed MLflow client and a stale records path.
+- ``ray._private.utils.read_ray_address`` and ``ray._common.utils.get_default_ray_temp_dir``:
+  which cluster ``ray.init(address="auto")`` joins is not public, and it must be checked before
+  Ray is asked to join it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 
 def prune_aware_optuna():
@@ -55,3 +60,12 @@ def prune_aware_optuna():
 
 def replace_restored_callbacks(tuner, callbacks: list) -> None:
     tuner._local_tuner._run_config.callbacks = callbacks
+
+
+def recorded_cluster() -> tuple[Optional[str], str]:
+    """The address the latest `ray start` on this machine recorded (None if none, or `ray stop`
+    since) and the folder it is recorded in."""
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray._private.utils import read_ray_address
+
+    return read_ray_address(), get_default_ray_temp_dir()

@@ -96,7 +96,7 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     :class:`SearchStopped` after an interrupt or a driver error (the search is resumable).
     ``verbose``: 0 a line per trial event and a progress bar; 1 Tune's tables too; 2 Ray's own
     log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``)."""
-    check_address(address)
+    address = resolve_address(address)
     search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
     if confirm_only:
         _check_finished(search)
@@ -125,20 +125,36 @@ def _check_finished(search: Search) -> None:
                                         "it with `ltsearch search FILE --resume` first")
 
 
-def check_address(address: Optional[str]) -> None:
-    """A cluster given as HOST:PORT (or ray://HOST:PORT) must answer before Ray is asked to
-    join it: Ray retries an address nothing listens at for ever."""
-    if not address or address in ("auto", "local"):
-        return
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """The cluster a search joins, as ``ray.init`` picks it, checked to answer before Ray is
+    asked to join it (Ray retries an address nothing listens at for ever); None for a fresh local
+    Ray. Left out or ``auto``, RAY_ADDRESS wins (`ray job submit` sets it); ``auto`` is then the
+    cluster `ray start` recorded on this machine. Unlike Ray, ``auto`` never joins an unrecorded
+    instance found among the processes: another driver's private Ray is not a cluster."""
+    key, said, local = "--address", "", "leave --address out for a local Ray"
+    if os.environ.get("RAY_ADDRESS") and address in (None, "auto"):
+        key, address = "RAY_ADDRESS", os.environ["RAY_ADDRESS"]
+        local = "unset RAY_ADDRESS or pass --address local for a local Ray"
+    if address in (None, "local"):
+        return None
+    if address == "auto":
+        from ltsearch.search.ray_private import recorded_cluster
+
+        address, folder = recorded_cluster()
+        if not address:
+            raise ConfigError(key, f"auto: no cluster was started with `ray start` on this machine "
+                                   f"(none recorded in {folder}); start one with `ray start "
+                                   f"--head`, or {local}")
+        said = f"auto: the cluster `ray start` recorded in {folder}; "
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ConfigError("--address", f"must be HOST:PORT, ray://HOST:PORT, auto or local, got {address!r}")
+        raise ConfigError(key, f"must be HOST:PORT, ray://HOST:PORT, auto or local, got {address!r}")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
-        raise ConfigError("--address", f"no Ray cluster answers at {address} ({e.strerror or e}); "
-                                       "start one with `ray start --head`, or leave --address out "
-                                       "for a local Ray") from None
+        raise ConfigError(key, f"no Ray cluster answers at {address} ({said}{e.strerror or e}); "
+                               f"start one with `ray start --head`, or {local}") from None
+    return address
 
 
 def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
