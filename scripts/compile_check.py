@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -30,8 +29,9 @@ from pathlib import Path
 def unpack(archive: str) -> Path:
     data = Path("/tmp/ltsearch-data")
     if not (data / "cifar10-jpeg").is_dir():
-        with tarfile.open(archive) as tar:
-            tar.extractall(data, filter="data")
+        from ltsearch.data.archive import unpack as unpack_archive
+
+        unpack_archive(archive, data)
     return data
 
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -60,8 +59,9 @@ def main():
     t0 = time.time()
     data = Path("/tmp/ltsearch-data")
     if not (data / "cifar10-jpeg").is_dir():
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(data, filter="data")
+        from ltsearch.data.archive import unpack
+
+        unpack(args.archive, data)
     print(f"unpacked in {time.time() - t0:.1f} s", flush=True)
     try:
         import torch

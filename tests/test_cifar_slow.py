@@ -1,12 +1,11 @@
 """CIFAR-10-LT from the JPEG copy in ../shared/data (unpacked to a temporary folder)."""
-import tarfile
-
 import numpy as np
 import pytest
 
 from conftest import CIFAR_ARCHIVE
 from ltsearch.runconfig import config_from_dict
 from ltsearch.data import build_data
+from ltsearch.data.archive import unpack
 from ltsearch.trainer import Trainer
 
 pytestmark = [pytest.mark.slow,
@@ -15,10 +14,7 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    with tarfile.open(CIFAR_ARCHIVE) as tar:
-        tar.extractall(root, filter="data")
-    return root
+    return unpack(CIFAR_ARCHIVE, tmp_path_factory.mktemp("cifar"))
 
 
 def test_cifar10_lt_one_epoch(cifar_root):
@@ -33,12 +29,12 @@ def test_cifar10_lt_one_epoch(cifar_root):
     assert len(data.test) == 10000 and np.bincount(data.test.y).tolist() == [1000] * 10
     assert data.classes[0] == "airplane" and data.classes[-1] == "truck"
     assert data.train.x.shape[1:] == (3, 32, 32)
-    # one epoch of the same profile at a fifth of the size (n_max 1000), the LDAM-DRW preset,
+    # one epoch of the same profile at a twentieth of the size (n_max 250), the LDAM-DRW preset,
     # evaluated on the whole test set
-    small = config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "max_per_class": 1000},
+    small = config_from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "max_per_class": 250},
                               "method": {"name": "ldam_drw"}})
     small_data = build_data(small.data)
-    assert small_data.counts == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+    assert small_data.counts == [250, 149, 89, 53, 32, 19, 11, 6, 4, 2]
     result = Trainer(small, small_data).fit()
     assert result.status == "finished" and np.isfinite(result.metrics["train/loss"])
     assert sum(sum(row) for row in result.metrics["test/confusion"]) == 10000

@@ -181,3 +181,39 @@ def test_read_only_arrays_from_rays_object_store_are_shared_without_a_warning(di
     assert torch.allclose(mean, torch.as_tensor(digits_data.train.x / 255.0).mean(dim=(0, 2, 3)).float())
     x, y = images.batch(torch.arange(4), augment=False)  # batches are fresh tensors
     assert x.shape[0] == 4 and torch.equal(y, torch.as_tensor(digits_data.train.y[:4]))
+
+
+def _archive(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("system_tar", [True, False], ids=["system tar", "tarfile"])
+def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar):
+    """The system's tar where there is one (about 20× faster on CIFAR-10's 60,000 files), else
+    Python's tarfile: the same files, and a member that would land outside the folder refused."""
+    import shutil
+
+    from ltsearch.data.archive import unpack
+
+    if not system_tar:
+        monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without tar
+    elif shutil.which("tar") is None:
+        pytest.skip("no tar on this machine")
+    good = _archive(tmp_path / "good.tar.gz", [("set/train/a/0000.jpg", b"\xff\xd8one"),
+                                               ("set/test/b/0001.jpg", b"two")])
+    assert unpack(good, tmp_path / "out") == tmp_path / "out"
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["set/test/b/0001.jpg", "set/train/a/0000.jpg"]
+    assert (tmp_path / "out" / "set/train/a/0000.jpg").read_bytes() == b"\xff\xd8one"
+    bad = _archive(tmp_path / "bad.tar.gz", [("ok.txt", b"x"), ("../escaped.txt", b"bad")])
+    with pytest.raises(Exception, match="escaped.txt|outside"):
+        unpack(bad, tmp_path / "out2")
+    assert not (tmp_path / "escaped.txt").exists()
