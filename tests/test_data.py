@@ -198,7 +198,8 @@ def _archive(path, members):
 @pytest.mark.parametrize("system_tar", [True, False], ids=["system tar", "tarfile"])
 def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar):
     """The system's tar where there is one (about 20× faster on CIFAR-10's 60,000 files), else
-    Python's tarfile: the same files, and a member that would land outside the folder refused."""
+    Python's tarfile: the same files; an archive with a member that would land outside the
+    folder is refused, and nothing of it is left in the folder."""
     import shutil
 
     from ltsearch.data.archive import unpack
@@ -216,4 +217,4 @@ def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar
     bad = _archive(tmp_path / "bad.tar.gz", [("ok.txt", b"x"), ("../escaped.txt", b"bad")])
     with pytest.raises(Exception, match="escaped.txt|outside"):
         unpack(bad, tmp_path / "out2")
-    assert not (tmp_path / "escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists() and list((tmp_path / "out2").iterdir()) == []
