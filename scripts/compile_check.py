@@ -26,15 +26,6 @@ import time
 from pathlib import Path
 
 
-def unpack(archive: str) -> Path:
-    data = Path("/tmp/ltsearch-data")
-    if not (data / "cifar10-jpeg").is_dir():
-        from ltsearch.data.archive import unpack as unpack_archive
-
-        unpack_archive(archive, data)
-    return data
-
-
 def trial_config(root: Path, compile_: bool, epochs: int, max_per_class):
     from ltsearch.runconfig import config_from_dict
 
@@ -87,7 +78,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    root = unpack(args.archive)
+    from ltsearch.data.archive import unpacked
+
+    root = unpacked(args.archive, "/tmp/ltsearch-data", "cifar10-jpeg")
     print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
           "(compile applies on CUDA only)", "torch", torch.__version__, flush=True)
     rows = []

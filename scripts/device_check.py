@@ -57,11 +57,9 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = Path("/tmp/ltsearch-data")
-    if not (data / "cifar10-jpeg").is_dir():
-        from ltsearch.data.archive import unpack
+    from ltsearch.data.archive import unpacked
 
-        unpack(args.archive, data)
+    data = unpacked(args.archive, "/tmp/ltsearch-data", "cifar10-jpeg")
     print(f"unpacked in {time.time() - t0:.1f} s", flush=True)
     try:
         import torch

@@ -202,7 +202,7 @@ def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar
     folder is refused, and nothing of it is left in the folder."""
     import shutil
 
-    from ltsearch.data.archive import unpack
+    from ltsearch.data.archive import unpack, unpacked
 
     if not system_tar:
         monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without tar
@@ -214,6 +214,10 @@ def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["set/test/b/0001.jpg", "set/train/a/0000.jpg"]
     assert (tmp_path / "out" / "set/train/a/0000.jpg").read_bytes() == b"\xff\xd8one"
+    (tmp_path / "out" / "set/train/a/0000.jpg").write_bytes(b"kept")  # there: not unpacked again
+    assert unpacked(good, tmp_path / "out", "set") == tmp_path / "out"
+    assert (tmp_path / "out" / "set/train/a/0000.jpg").read_bytes() == b"kept"
+    assert (unpacked(good, tmp_path / "fresh", "set") / "set/test/b/0001.jpg").read_bytes() == b"two"
     bad = _archive(tmp_path / "bad.tar.gz", [("ok.txt", b"x"), ("../escaped.txt", b"bad")])
     with pytest.raises(Exception, match="escaped.txt|outside"):
         unpack(bad, tmp_path / "out2")

@@ -35,3 +35,10 @@ def unpack(archive: str | Path, dest: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def unpacked(archive: str | Path, dest: str | Path, top: str) -> Path:
+    """``dest``, with ``archive`` unpacked into it unless its top folder ``top`` is there
+    already: :func:`unpack` moves it in only once complete, so its presence means a whole copy."""
+    dest = Path(dest)
+    return dest if (dest / top).is_dir() else unpack(archive, dest)
