@@ -287,6 +287,24 @@ def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys):
     assert info["counts"] == sorted(info["counts"], reverse=True) and info["tracking"] == "mlflow"
 
 
+def test_the_page_is_written_when_the_tracking_server_is_down(confirmed, capsys):
+    """The page needs only the folder: a tracking server that does not answer costs the
+    attachment, not the page (it used to exit 2 with nothing written)."""
+    import socket
+
+    outcome, _, _ = confirmed
+    page = outcome.folder / REPORT_PAGE
+    page.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["report", str(outcome.folder), "--tracking-uri", dead]) == 2
+    out, err = capsys.readouterr()
+    assert page.is_file() and str(page) in out
+    assert err.count("\n") == 1 and err.startswith("error: --tracking-uri: no MLflow server answers")
+    assert "the page is written, not attached" in err and "--no-tracking" in err
+
+
 def test_time_spent_and_reports_from_a_folder_as_it_lies(tmp_path):
     """Per-epoch reports from Ray's result.json (a resumed trial's repeated epoch: the later
     line wins; lists only in the last report) and the slot-time account the report draws."""

@@ -336,13 +336,17 @@ def main_report(args) -> int:
     if not (folder / "trials.json").is_file():
         raise ConfigError("search_dir", f"{folder} holds no trials.json: not a search folder")
     info = read_info(folder)
-    kind = "none" if args.no_tracking else info.get("tracking", "none")
-    tracker = make_tracker(kind, args.tracking_uri or info.get("tracking_uri"),
-                           info.get("experiment", "ltsearch"), info.get("classes", []),
-                           info.get("counts", []), background=False)
-    page = write_report(folder)
-    tracker.attach(folder, [page, folder / FIGURES])
+    page = write_report(folder)  # the folder is all the page needs
     print(page)
+    kind = "none" if args.no_tracking else info.get("tracking", "none")
+    try:
+        tracker = make_tracker(kind, args.tracking_uri or info.get("tracking_uri"),
+                               info.get("experiment", "ltsearch"), info.get("classes", []),
+                               info.get("counts", []), background=False)
+        tracker.attach(folder, [page, folder / FIGURES])
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.message} — the page is written, not attached (run this "
+                                 "again once it answers, or pass --no-tracking)") from None
     if tracker.uri:
         print(f"attached to the search's run in {tracker.uri}")
     return 0
