@@ -7,8 +7,11 @@ once with the old path (a fresh worker process per trial, a checkpoint every epo
 waiting on every MLflow call) and once with the new defaults, then prints: wall time, search
 efficiency (Σ epoch training time ÷ (first trial start → last trial end × concurrent slots)),
 the median fixed cost per trial (everything but its epochs) and its parts, and whether both
-produced the same trials and ranking. A benchmark, not a test: numbers mean something only on
-the machine that printed them.
+produced the same trials and ranking. Then the new path's longest trial is trained again with
+``ltsearch train`` (no Ray), alone and as many at once as the search has slots: how fast the
+cores run concurrent epochs by themselves, against the search's; and the wall time the search's
+epochs alone take over its slots, below which no change outside the epochs can go.
+A benchmark, not a test: numbers mean something only on the machine that printed them.
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ def analyse(search_dir: Path) -> dict:
         numbers = [{k: v for k, v in x.items() if not isinstance(v, list)  # only a trial's last
                     and (("/" in k and not k.startswith("time/")) or k == "lr")}  # report has lists
                    for x in reports]
-        trials.append({"id": trial_id, "train": train, "epochs": len(reports), "duration": duration, "fixed": duration - train,
+        trials.append({"id": trial_id, "train": train, "epochs": len(reports), "reports": reports,
+                       "duration": duration, "fixed": duration - train,
                        "parts": parts, "start": r["started_at"], "end": r["ended_at"],
                        "pid": last.get("pid"), "status": r["status"], "method": r["method"],
                        "config": r["config"], "metrics": r["metrics"], "numbers": numbers})
@@ -95,6 +99,31 @@ def summary(result: dict) -> dict:
     for part in trials[0]["parts"]:
         out[f"  {part}"] = statistics.median(t["parts"][part] for t in trials)
     return out
+
+
+def epoch_speeds(result: dict, folder: Path) -> dict:
+    """Median s/epoch of the new path's longest trial: in the search, then its config trained by
+    ``ltsearch train`` (no Ray, driver or tracking) alone, and as many copies at once as the
+    search has slots: what the cores give concurrent trials by themselves."""
+    trial = max(result["trials"], key=lambda t: t["epochs"])
+    path = folder / "trial.yaml"
+    path.write_text(yaml.safe_dump(trial["config"], sort_keys=False))
+    exe = Path(sys.executable).parent / "ltsearch"
+
+    def train(copies: int) -> float:
+        logs = [folder / f"{copies}-{i}.log" for i in range(copies)]
+        procs = [subprocess.Popen([str(exe), "train", str(path), "--out", str(folder / f"{copies}-{i}")],
+                                  stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+        for p, log in zip(procs, logs):
+            if p.wait() != 0:
+                sys.exit(f"ltsearch train failed:\n{log.read_text()[-3000:]}")
+        return statistics.median(h["epoch_time_s"] for i in range(copies) for h in json.loads(
+            (folder / f"{copies}-{i}" / "metrics.json").read_text())["history"])
+
+    in_search = statistics.median(x["epoch_time_s"] for x in trial["reports"])
+    alone, together = train(1), train(result["slots"])
+    return {"trial": f"{trial['method']} {trial['id']}", "in_search": in_search, "alone": alone,
+            "together": together}
 
 
 def compare(old: dict, new: dict) -> str:
@@ -128,6 +157,9 @@ def main() -> None:
               if args.keep else tempfile.TemporaryDirectory(prefix=f"bench-{name}-")) as folder:
             print(f"running the {name} path in {folder} …", file=sys.stderr, flush=True)
             results[name] = run(args.space.resolve(), settings, Path(folder))
+            if name == "new":
+                print("training its longest trial's config without Ray …", file=sys.stderr, flush=True)
+                speeds = epoch_speeds(results[name], Path(folder))
     sums = {k: summary(v) for k, v in results.items()}
     names = list(sums)
     print(f"{args.space} on {os.cpu_count()} CPU(s)")
@@ -140,6 +172,14 @@ def main() -> None:
         print(line)
     if len(names) == 2:
         print(compare(results["old"], results["new"]))
+    if "new" in results:
+        slots = results["new"]["slots"]
+        print(f"s/epoch of {speeds['trial']}: {speeds['in_search']:.2f} in the search, "
+              f"{speeds['alone']:.2f} trained alone without Ray, {speeds['together']:.2f} with "
+              f"{slots} at once without Ray (×{speeds['together'] / speeds['alone']:.2f})")
+        print(f"the new path's Σ epoch training over {slots} slots: "
+              f"{sum(t['train'] for t in results['new']['trials']) / slots:.1f} s, its wall time "
+              "if starting, ending and the gaps between trials cost nothing")
 
 
 if __name__ == "__main__":
