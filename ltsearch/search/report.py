@@ -345,8 +345,8 @@ def main_report(args) -> int:
                                info.get("counts", []), background=False)
         tracker.attach(folder, [page, folder / FIGURES])
     except ConfigError as e:
-        raise ConfigError(e.key, f"{e.message} — the page is written, not attached (run this "
-                                 "again once it answers, or pass --no-tracking)") from None
+        raise ConfigError(e.key, f"{e.message}; the page is written, not attached "
+                                 "(--no-tracking: write it without attaching)") from None
     if tracker.uri:
         print(f"attached to the search's run in {tracker.uri}")
     return 0
