@@ -3,7 +3,7 @@ import os
 # The tests and every process they start (the CLI, `ray start`, `mlflow server`) inherit these:
 # nothing the shell set may pick a cluster, an experiment or an auth mode for them. The suite
 # runs on two workers (the README's command), so two-thread trainers share two cores: OpenMP
-# threads that sleep while they wait, rather than spin, keep that from costing 3–7× per test.
+# threads that sleep while they wait rather than spin (spinning made some tests 7–19× slower).
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
                   OMP_WAIT_POLICY="PASSIVE")
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
