@@ -57,6 +57,15 @@ def ray_local():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens at (a dead server's address, or one to start at)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_search(**space):
     """A small digits-LT search file (3 epochs) over ``space['method']``."""
     return {

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_search
+from conftest import free_port, tiny_search
 from ltsearch.cli import main
 from ltsearch.config import ConfigError
 from ltsearch.search.records import TrialRecords, pareto_front
@@ -290,14 +290,10 @@ def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys):
 def test_the_page_is_written_when_the_tracking_server_is_down(confirmed, capsys):
     """The page needs only the folder: a tracking server that does not answer costs the
     attachment, not the page (it used to exit 2 with nothing written)."""
-    import socket
-
     outcome, _, _ = confirmed
     page = outcome.folder / REPORT_PAGE
     page.unlink()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     assert main(["report", str(outcome.folder), "--tracking-uri", dead]) == 2
     out, err = capsys.readouterr()
     assert page.is_file() and str(page) in out

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_search
+from conftest import free_port, tiny_search
 
 BIN = Path(sys.executable).parent
 
@@ -44,12 +43,6 @@ def _stop(proc, sig=signal.SIGTERM, timeout=20):
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout, what):
@@ -155,7 +148,7 @@ def test_resume_after_sigkill(tmp_path):
 def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
     """Trials run on both nodes; the worker node dies (SIGKILL to its raylet and workers); its
     trial continues from its last checkpoint on the head node, and nothing recorded is lost."""
-    ray_port, mlflow_port = _free_port(), _free_port()
+    ray_port, mlflow_port = free_port(), free_port()
     address = f"127.0.0.1:{ray_port}"
     procs = []
     try:
@@ -296,7 +289,7 @@ def test_ctrl_c_during_confirmation_then_resume(tmp_path):
 def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave
     the parent and child runs, trials.json and the Optuna study RUNNING for good."""
-    port = _free_port()
+    port = free_port()
     server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                   "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]

@@ -10,16 +10,10 @@ import time
 import pytest
 import yaml
 
-from conftest import tiny_search
+from conftest import free_port, tiny_search
 from ltsearch.cli import main
 from ltsearch.config import ConfigError
 from ltsearch.search.space import parse_search_file
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_values_that_combine_into_an_invalid_trial_are_refused_up_front():
@@ -87,7 +81,7 @@ def test_a_cluster_named_by_auto_or_ray_address_must_answer_before_ray(tmp_path,
     ever); RAY_ADDRESS (`ray job submit` sets it) was ignored and a local Ray started instead."""
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))  # where `ray start` records its cluster
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = ["search", str(path), "--storage", str(tmp_path / "s"),
@@ -139,7 +133,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
     start = time.monotonic()
     code = main(["search", str(path), "--storage", str(tmp_path / "s"),
-                 "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
+                 "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
     assert code == 2 and time.monotonic() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --tracking-uri: no MLflow server answers")
@@ -242,7 +236,7 @@ def test_ray_failing_to_start_is_reported_as_itself_and_the_records_are_closed(t
 def test_a_ray_address_nothing_answers_at_is_refused_before_ray(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
-    port = _free_port()
+    port = free_port()
     assert main(["search", str(path), "--storage", str(tmp_path / "s"),
                  "--address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
