@@ -301,6 +301,28 @@ def test_the_page_is_written_when_the_tracking_server_is_down(confirmed, capsys)
     assert "the page is written, not attached" in err and "--no-tracking" in err
 
 
+def test_an_upload_that_fails_is_one_line_and_the_page_stays(confirmed, capsys):
+    """The store answers but cannot keep the files (its artifact folder replaced by a file, as
+    a full or read-only disk would fail it): one line saying so and how to try again, exit 1,
+    the page written. MLflow's error used to end the command with a traceback."""
+    outcome, _, tmp = confirmed
+    page = outcome.folder / REPORT_PAGE
+    page.unlink()
+    store = tmp / "mlartifacts"
+    store.rename(tmp / "mlartifacts.kept")
+    store.write_text("not a folder")
+    try:
+        assert main(["report", str(outcome.folder)]) == 1
+    finally:
+        store.unlink()
+        (tmp / "mlartifacts.kept").rename(store)
+    out, err = capsys.readouterr()
+    assert page.is_file() and str(page) in out and "attached" not in out
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: the page is written; attaching it to the search's run in sqlite:///{tmp}")
+    assert "NotADirectoryError" in err and f"`ltsearch report {outcome.folder}` again" in err
+
+
 def test_time_spent_and_reports_from_a_folder_as_it_lies(tmp_path):
     """Per-epoch reports from Ray's result.json (a resumed trial's repeated epoch: the later
     line wins; lists only in the last report) and the slot-time account the report draws."""

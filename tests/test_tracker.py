@@ -91,3 +91,34 @@ def test_a_search_with_tracking_off_records_only_its_folder_and_talks_quietly(tm
     assert "many/medium/few: thirds of the classes by training count (4/3/3 classes)" in lines
     assert len(lines) < 25 and "╭" not in out.stdout + out.stderr, out.stdout + out.stderr
     assert out.stderr.strip() == "", out.stderr
+
+
+def test_an_artifact_store_that_cannot_be_written_leaves_no_run_open(tmp_path, caplog):
+    """The store's runs are written but its artifacts cannot be (a file where the artifact
+    folder should be: a full or read-only disk looks the same to MLflow). Trials' artifacts
+    were already guarded; the search's were not, and the failed upload left the search's run
+    and its unfinished trials RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from ltsearch.search.tracking import MLflowTracker
+
+    (tmp_path / "mlartifacts").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MLflowTracker.checked(uri, "ltsearch", ["0", "1"], [10, 1])
+    folder = tmp_path / "search"
+    folder.mkdir()
+    (folder / "leaderboard.txt").write_text("ce 0.5\n")
+    tracker.start_search(folder, "s", {"search.seed": 0})
+    for trial_id in ("done", "cut"):
+        tracker.start_trial(trial_id, "ce", {"lr": 0.1})
+        tracker.log(trial_id, 1, {"val/top1": 0.5})
+    tracker.end_trial("done", "COMPLETED", {"lr": 0.1}, {"val/per_class": [0.5, 0.5]})
+    with caplog.at_level("WARNING"):
+        tracker.end_search("finished", [folder / "leaderboard.txt"])
+    client = MlflowClient(uri)
+    runs = {r.data.tags.get("ltsearch.trial_id", "search"): r.info.status
+            for r in client.search_runs([tracker.exp_id])}
+    assert runs == {"search": "FINISHED", "done": "FINISHED", "cut": "KILLED"}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("the search's files were not attached to its MLflow run")
+               and str(folder) in m for m in warned), warned

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -330,7 +331,7 @@ def main_report(args) -> int:
     """Write the page; attach it and its figures to the search's tracking record, if any."""
     from ltsearch.config import ConfigError
     from ltsearch.search.results import read_info
-    from ltsearch.search.tracker import make_tracker
+    from ltsearch.search.tracker import TrackingError, make_tracker
 
     folder = Path(args.search_dir).resolve()
     if not (folder / "trials.json").is_file():
@@ -347,6 +348,10 @@ def main_report(args) -> int:
     except ConfigError as e:
         raise ConfigError(e.key, f"{e.message}; the page is written, not attached "
                                  "(--no-tracking: write it without attaching)") from None
+    except TrackingError as e:
+        print(f"error: the page is written; attaching it to the search's run in {tracker.uri} "
+              f"failed ({e}): run `ltsearch report {folder}` again", file=sys.stderr)
+        return 1
     if tracker.uri:
         print(f"attached to the search's run in {tracker.uri}")
     return 0

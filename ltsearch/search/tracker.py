@@ -20,6 +20,11 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 
+class TrackingError(Exception):
+    """A tracking store that was reached failed a call (it could not keep the files, or went
+    away mid-call); the message is one line."""
+
+
 class Tracker:
     """Records nothing: a search with tracking turned off."""
 
@@ -56,7 +61,7 @@ class Tracker:
 
     def attach(self, folder: Path, paths: list[Path]) -> None:
         """Attach files to the record of the search in ``folder``, after it ended (a report
-        written later)."""
+        written later); :class:`TrackingError` if the store fails to keep them."""
 
     def describe(self) -> str:
         """One line for the summary: where to look at the records."""

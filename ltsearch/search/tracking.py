@@ -19,7 +19,7 @@ import yaml
 
 from ltsearch.config import ConfigError
 from ltsearch.search.records import flatten
-from ltsearch.search.tracker import Tracker
+from ltsearch.search.tracker import Tracker, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,19 @@ def _log_params(client, run_id: str, params: dict) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
+
+
+def _artifact_errors() -> tuple:
+    """What a failed upload raises: MLflow's own error (a server's answer), or the OS's (a
+    local artifact folder; requests' connection errors are OSErrors too)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, OSError
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 RUN_STATUS = {"COMPLETED": "FINISHED", "PRUNED": "KILLED", "INTERRUPTED": "KILLED",
@@ -217,14 +230,18 @@ class MLflowTracker(Tracker):
                 write_trial_artifacts(Path(folder), config, result, self.classes, self.counts)
                 client.log_artifacts(run_id, folder)
         except Exception as e:  # artifacts must not leave the run open
-            log.warning("artifacts of trial %s not written: %s", trial_id, e)
+            log.warning("artifacts of trial %s not written: %s", trial_id, _one_line(e))
         if error:
             client.set_tag(run_id, "error", error[:5000])
         client.set_terminated(run_id, RUN_STATUS[status])
 
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
         client = self.client
-        self._attach(artifacts)
+        try:
+            self._attach(artifacts)
+        except Exception as e:  # a copy of the folder's files: they must not keep runs open
+            log.warning("the search's files were not attached to its MLflow run (%s); they are in "
+                        "%s", _one_line(e), artifacts[0].parent if artifacts else "its folder")
         # Nothing may stay RUNNING: trials that never reported an end (a killed driver) are KILLED.
         for child in client.search_runs([self.exp_id], f"tags.`{TAG_PARENT}` = '{self.parent}'",
                                         max_results=10000):
@@ -246,7 +263,10 @@ class MLflowTracker(Tracker):
             raise ConfigError("--tracking-uri", f"no search run for {folder} in {self.uri} "
                                                 f"(experiment {self.experiment!r})")
         self.parent = found[0].info.run_id
-        self._attach(paths)
+        try:
+            self._attach(paths)
+        except _artifact_errors() as e:
+            raise TrackingError(_one_line(e)) from e
 
     def describe(self) -> str:
         return f"MLflow: {self.uri} (parent run {self.parent})"
