@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from ltsearch.config import ConfigError, writable_folder
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.began = time.monotonic()  # the user's wait: a search's clock counts from here
     try:
         return args.fn(args)
     except (ConfigError, DataError) as e:

@@ -236,7 +236,10 @@ def test_ctrl_c_then_resume(tmp_path):
     assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
     client, exp = _nothing_running(uri)
 
-    _resume(cmd)
+    resumed = _resume(cmd)
+    assert resumed.stdout.splitlines()[0] == (  # before Ray: what it resumes, where, how far it got
+        f"search i: resuming 3 trials over 2 methods ({statuses.count('COMPLETED')} ended), "
+        f"1 at a time, in {folder.resolve()}; starting a local Ray")
     after = _trials(folder)
     assert len(after) == 3 and all(r["status"] == "COMPLETED" for r in after.values())
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")

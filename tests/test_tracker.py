@@ -1,10 +1,12 @@
 """The tracker interface: the driver's calls reach a tracker in order, off Tune's event loop,
 without losing one; tracking can be turned off."""
+import io
 import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -83,6 +85,8 @@ def test_a_search_with_tracking_off_records_only_its_folder_and_talks_quietly(tm
     assert not list(tmp_path.glob("mlflow*")) and "tracking: off" in out.stdout
     assert "MLflow" not in out.stdout + out.stderr
     lines = out.stdout.splitlines()
+    folder = (tmp_path / "searches" / "s").resolve()  # said once the checks passed, before Ray
+    assert lines[0] == f"search s: 2 trials over 2 methods, 2 at a time, in {folder}; starting a local Ray"
     for trial_id in trials:
         assert sum(line.startswith(f"started  {trial_id}") for line in lines) == 1
         assert sum(line.startswith(f"finished {trial_id}  after 2 of 2 epochs  val/balanced_acc")
@@ -122,3 +126,46 @@ def test_an_artifact_store_that_cannot_be_written_leaves_no_run_open(tmp_path, c
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(m.startswith("the search's files were not attached to its MLflow run")
                and str(folder) in m for m in warned), warned
+
+
+def test_the_progress_line_counts_from_the_command_start_and_estimates_from_the_trials(tmp_path):
+    """The clock is the user's wait, from the command's start (Ray's start included); what is
+    left, from how fast trials have ended since this driver's first trial started. It counted
+    from Tune's set-up and left out the first trial to end, and jumped: at 2 of 16 trials it
+    said 2:57 left, at 3 of 16 1:38."""
+    from ltsearch.search.callbacks import ProgressCallback
+    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.space import parse_search_file
+
+    space = parse_search_file(tiny_search(method={"ce": {}}))  # 6 trials
+    records = TrialRecords(tmp_path)
+    now = [0.0]
+
+    def start(progress, trial_id):
+        records.update(trial_id, method="ce", config={}, status="RUNNING", epochs=0, metrics={})
+        progress.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id, config={"method": "ce"}))
+
+    def end(progress, trial_id, value):
+        records.update(trial_id, status="COMPLETED", epochs=3, metrics={"val/balanced_acc": value})
+        progress.on_trial_complete(0, [], SimpleNamespace(trial_id=trial_id, last_result={
+            "epoch": 3, "total_epochs": 3, "val/balanced_acc": value}))
+        return progress.out.getvalue().splitlines()[-1]
+
+    progress = ProgressCallback(tmp_path, space, out=io.StringIO(), began=-10.0, clock=lambda: now[0])
+    now[0] = 5.0  # Ray and Tune took 15 s: the first trials start
+    start(progress, "a")
+    start(progress, "b")
+    now[0] = 25.0
+    assert end(progress, "a", 0.5) == "[###.................] 1/6 trials · 0:35 · ~1:40 left · best 0.500 (ce a)"
+    now[0] = 35.0
+    assert end(progress, "b", 0.75) == "[######..............] 2/6 trials · 0:45 · ~1:00 left · best 0.750 (ce b)"
+
+    # resumed by another driver: the trials that ended before it do not speed up its estimate
+    now[0] = 100.0
+    resumed = ProgressCallback(tmp_path, space, out=io.StringIO(), began=90.0, clock=lambda: now[0])
+    now[0] = 104.0
+    start(resumed, "c")
+    now[0] = 114.0
+    assert end(resumed, "c", 0.25) == "[##########..........] 3/6 trials · 0:24 · ~0:30 left · best 0.750 (ce b)"
+    now[0] = 120.0
+    assert end(resumed, "d", 0.25).endswith("6 trials · 0:30 · ~0:16 left · best 0.750 (ce b)")

@@ -158,10 +158,12 @@ def _clock(seconds: float) -> str:
 
 class ProgressCallback(Callback):
     """One line per trial event that matters (started, finished, pruned, failed) and a progress
-    line: trials done of the total, elapsed, an estimate of what is left, the best so far. On a
-    terminal the progress line is a bar redrawn in place; in a log it follows each trial's end."""
+    line: trials done of the total, the time since the command started (``began``, on
+    ``clock``), an estimate of what is left, the best so far. On a terminal the progress line is
+    a bar redrawn in place; in a log it follows each trial's end."""
 
-    def __init__(self, folder: Path, space, out=None, confirming: bool = False):
+    def __init__(self, folder: Path, space, out=None, confirming: bool = False,
+                 began: Optional[float] = None, clock=time.monotonic):
         self.folder = Path(folder)
         self.space = space
         self.out = out or sys.stdout
@@ -170,9 +172,11 @@ class ProgressCallback(Callback):
         confirm = space.settings.confirm
         self.total = confirm.top * confirm.seeds if confirming else space.settings.num_samples
         self.metric = space.settings.metric
-        self.began = time.monotonic()
+        self.clock = clock
+        self.began = clock() if began is None else began
         self.drawn = 0.0
-        self.done_before = None  # trials that ended before this driver started (a resume)
+        self.done_before = self._counts()[0]  # trials that ended before this driver (a resume)
+        self.first_start: Optional[float] = None  # this driver's first trial start
 
     def __getstate__(self):
         return {**self.__dict__, "out": None}
@@ -192,11 +196,11 @@ class ProgressCallback(Callback):
 
     def _bar(self) -> str:
         done, best = self._counts()
-        if self.done_before is None:
-            self.done_before = done
-        elapsed = time.monotonic() - self.began
+        now = self.clock()
         here = done - self.done_before
-        left = f" · ~{_clock(elapsed / here * (self.total - done))} left" if 0 < here and done < self.total else ""
+        left = ""
+        if 0 < here and done < self.total and self.first_start is not None:  # at the rate trials end
+            left = f" · ~{_clock((now - self.first_start) / here * (self.total - done))} left"
         width = 20
         filled = int(width * done / max(self.total, 1))
         if best and self.confirming:
@@ -205,7 +209,7 @@ class ProgressCallback(Callback):
             top = f" · best {best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})" if best else ""
         what = "confirmation runs" if self.confirming else "trials"
         return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {what} · " \
-               f"{_clock(elapsed)}{left}{top}"
+               f"{_clock(now - self.began)}{left}{top}"
 
     def _say(self, line: str, bar: bool = False) -> None:
         if self.tty:
@@ -215,12 +219,14 @@ class ProgressCallback(Callback):
         self.out.flush()
 
     def on_step_end(self, iteration, trials, **info):
-        if self.tty and time.monotonic() - self.drawn >= 1.0:  # the clock moves on a terminal
-            self.drawn = time.monotonic()
+        if self.tty and self.clock() - self.drawn >= 1.0:  # the clock moves on a terminal
+            self.drawn = self.clock()
             self.out.write("\r\033[K" + self._bar())
             self.out.flush()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self.first_start is None:
+            self.first_start = self.clock()
         cfg = self.space.trial_config(trial.config)
         confirms = confirmation(trial.config)
         chosen = (f"confirms {confirms[CONFIRM_OF]} with seed {confirms[SEED]}" if confirms

@@ -76,7 +76,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
 
     def callbacks():
         return [SearchCallback(search.folder, space, search.tracker),
-                ProgressCallback(search.folder, space, confirming=True)]
+                ProgressCallback(search.folder, space, confirming=True, began=search.began)]
 
     def ending(grid, asked: int) -> str:
         search.tune_trial_ids |= {r.metrics.get("trial_id") for r in grid if r.metrics}
@@ -133,7 +133,7 @@ def main_confirm(args) -> int:
     try:
         outcome = run_search(space, name=folder.name, storage=folder.parent, address=args.address,
                              tracking_uri=args.tracking_uri or info.get("tracking_uri") or None,
-                             verbose=args.verbose, confirm_only=True)
+                             verbose=args.verbose, confirm_only=True, began=args.began)
     except SearchStopped as stop:
         return print_stopped(stop, folder.name, space,
                       f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}")

@@ -15,6 +15,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,7 @@ class Search:
     tracker: object  # a search.tracker.Tracker
     groups: str  # which many/medium/few split the metrics use, in words
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
+    began: float = field(default_factory=time.monotonic)  # the command's start, for the clock
     ray_stopping: Optional[threading.Thread] = None  # the Ray this search started, shutting down
 
     @property
@@ -90,17 +92,22 @@ def search_name(path: str | Path) -> str:
 
 def run_search(space, *, name: str, storage: str | Path = "searches", address: Optional[str] = None,
                tracking_uri: Optional[str] = None, resume: bool = False,
-               verbose: int = 0, confirm_only: bool = False) -> SearchOutcome:
+               verbose: int = 0, confirm_only: bool = False,
+               began: Optional[float] = None) -> SearchOutcome:
     """Check everything, prepare the folder and tracking, run, and always finish: whatever the
     ending, trials.json, the Optuna study and MLflow agree and nothing stays RUNNING. Raises
     :class:`SearchStopped` after an interrupt or a driver error (the search is resumable).
     ``verbose``: 0 a line per trial event and a progress bar; 1 Tune's tables too; 2 Ray's own
-    log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``)."""
+    log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``).
+    ``began``: when the command started (``time.monotonic``), for the progress line's clock."""
     address = resolve_address(address)
     search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
+    if began is not None:
+        search.began = began
     if confirm_only:
         _check_finished(search)
     prepare_search(search)
+    say_starting(search, address, confirm_only)
     ending, cause = "failed", None
     try:
         ending = execute_search(search, address, verbose, confirm_only)
@@ -113,6 +120,32 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if ending != "finished":
         raise SearchStopped(outcome, cause)
     return outcome
+
+
+def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> None:
+    """One line once the checks have passed, before the seconds Ray takes to start: what runs,
+    where its results go, which Ray."""
+    import ray
+
+    from ltsearch.search.records import TrialRecords
+
+    settings = search.space.settings
+    top, seeds = settings.confirm.top, settings.confirm.seeds
+    methods = len(search.space.methods)
+    if confirm_only:
+        what = f"confirmation of the best {top} with {seeds} seeds each"
+    else:
+        what = f"{settings.num_samples} trials over {methods} method{'s' * (methods != 1)}"
+        if search.resume:
+            ended = sum(r["status"] not in ("RUNNING", "INTERRUPTED") for r in
+                        TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF))
+            what = f"resuming {what} ({ended} ended)"
+        if top:
+            what += f", then the best {top} with {seeds} seeds each"
+    where = ("on the Ray already running" if ray.is_initialized()
+             else f"joining the Ray cluster at {address}" if address else "starting a local Ray")
+    print(f"search {search.name}: {what}, {settings.max_concurrent} at a time, in {search.folder}; "
+          f"{where}", flush=True)
 
 
 def _check_finished(search: Search) -> None:
@@ -328,7 +361,7 @@ def _tune(search: Search, verbose: int) -> str:
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
     trainable = trainable_for(search)
     callbacks = [SearchCallback(search.folder, space, search.tracker),  # records first: the
-                 ProgressCallback(search.folder, space)]                  # progress reads them
+                 ProgressCallback(search.folder, space, began=search.began)]  # progress reads them
     if settings.report:
         callbacks.append(ReportPreload(settings.num_samples, settings.max_concurrent))
     if search.resume:
@@ -518,7 +551,7 @@ def main_search(args) -> int:
     try:
         outcome = run_search(space, name=name, storage=args.storage, address=args.address,
                              tracking_uri=args.tracking_uri, resume=args.resume,
-                             verbose=args.verbose)
+                             verbose=args.verbose, began=args.began)
     except ConfigError as e:
         if e.key.split(".")[0] in ("base", "search", "space"):  # the file against its data
             raise ConfigError(e.key, f"{e.message} (in {args.space})") from None
