@@ -16,6 +16,8 @@ from ltsearch.data import DataError
 ADDRESS_HELP = ("the Ray cluster to join: HOST:PORT, ray://HOST:PORT, auto (the cluster `ray start` "
                 "recorded on this machine) or local (default: RAY_ADDRESS if set, else a fresh "
                 "local Ray)")
+SEARCH_DIR_HELP = "a search's folder (searches/<name>)"
+VERBOSE_HELP = "-v: Ray Tune's result tables too; -v -v: Ray's own log records too"
 
 
 def _jsonable(value):
@@ -121,11 +123,14 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ltsearch", description=__doc__)
+    p = argparse.ArgumentParser(prog="ltsearch", description=(
+        "Search long-tailed recognition recipes and their hyper-parameters on Ray: Optuna's TPE "
+        "proposes, ASHA stops weak trials, MLflow records."),
+        epilog="start with: ltsearch search search_spaces/quickstart.yaml")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one config")
-    t.add_argument("config")
+    t.add_argument("config", help="a config YAML (`ltsearch export` writes them)")
     t.add_argument("--out", help="output folder (default runs/<config name>)")
     t.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     t.add_argument("--epochs", type=int, help="override train.epochs (milestones and the method's "
@@ -137,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("search", help="run a search described by a search-space file")
-    s.add_argument("space")
+    s.add_argument("space", help="the search file (base config, search settings, space)")
     s.add_argument("--address", help=ADDRESS_HELP)
     s.add_argument("--name", help="search name (folder under --storage)")
     s.add_argument("--storage", default="searches", help="folder of search results (default searches/)")
-    s.add_argument("--num-samples", type=int)
-    s.add_argument("--max-concurrent", type=int)
+    s.add_argument("--num-samples", type=int, help="override search.num_samples: how many trials")
+    s.add_argument("--max-concurrent", type=int, help="override search.max_concurrent: trials "
+                   "at a time")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
-    s.add_argument("-v", "--verbose", action="count", default=0,
-                   help="-v: Ray Tune's result tables too; -v -v: Ray's own log records too")
+    s.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     s.add_argument("--no-tracking", action="store_true",
                    help="record only in the search folder (search.tracking: none)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted search")
@@ -154,25 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_search)
 
     c = sub.add_parser("confirm", help="re-train a finished search's best configs with fresh seeds")
-    c.add_argument("search_dir")
+    c.add_argument("search_dir", help=SEARCH_DIR_HELP)
     c.add_argument("--top", type=int, default=3, help="how many of the best configs (default 3)")
     c.add_argument("--seeds", type=int, default=3, help="fresh seeds per config (default 3)")
     c.add_argument("--address", help=ADDRESS_HELP)
     c.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
     c.add_argument("--no-tracking", action="store_true", help="record only in the search folder")
-    c.add_argument("-v", "--verbose", action="count", default=0)
+    c.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     c.set_defaults(fn=cmd_confirm)
 
     e = sub.add_parser("export", help="export the top configs of a search")
-    e.add_argument("search_dir")
-    e.add_argument("--top", type=int, default=1)
+    e.add_argument("search_dir", help=SEARCH_DIR_HELP)
+    e.add_argument("--top", type=int, default=1, help="how many configs, best first: confirmed "
+                   "ones by their mean over seeds, then trials that ran to the end (default 1)")
     e.add_argument("--pareto", action="store_true", help="the Pareto set over search.objectives "
                    "instead of the top configs")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="folder for the config YAMLs and trials.csv")
     e.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("report", help="write a search's report page (SEARCH_DIR/report.html)")
-    r.add_argument("search_dir")
+    r.add_argument("search_dir", help=SEARCH_DIR_HELP)
     r.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
     r.add_argument("--no-tracking", action="store_true", help="do not attach the report to the search's run")
     r.set_defaults(fn=cmd_report)

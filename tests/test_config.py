@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -110,3 +112,16 @@ def test_cli_missing_data_folder(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"data": {"source": "imagefolder", "root": str(tmp_path / "x")}}))
     assert main(["train", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "data folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "search", "confirm", "export", "report"])
+def test_every_argument_of_every_command_says_what_it_is(command, capsys):
+    """`ltsearch COMMAND --help` describes each argument: an entry is its names, then its help
+    on the same line (two spaces or more after them) or indented on the next lines."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    lines = capsys.readouterr().out.split("positional arguments:")[1].splitlines()
+    silent = [line.strip() for i, line in enumerate(lines)
+              if re.match(r"  \S", line) and not re.search(r"\S {2,}\S", line.strip())
+              and not (i + 1 < len(lines) and re.match(r" {6,}\S", lines[i + 1]))]
+    assert silent == [], silent
