@@ -88,6 +88,16 @@ def _file(**space):
      "not a parameter of loss 'ce'"),
     (_file(method={"reweight": {"weights.beta": {"uniform": [0.9, 1.0]}}}),
      "space.method.reweight.weights.beta", "value 1.0: must be < 1.0"),
+    # beside a searched train knob, the parameter at fault is named, not the knob (it was:
+    # "space.train.lr: value 0.005: not a parameter of loss 'ldam'")
+    (_file(train={"lr": {"loguniform": [0.005, 0.05]}},
+           method={"ldam_drw": {"loss.max_mm": {"uniform": [0.3, 0.6]}}}),
+     "space.method.ldam_drw.loss.max_mm", "not a parameter of loss 'ldam'"),
+    (_file(train={"lr": {"loguniform": [0.005, 0.05]}},
+           method={"reweight": {"weights.beta": {"choice": [1.0, 0.9]}}}),
+     "space.method.reweight.weights.beta", "value 1.0: must be < 1.0"),
+    (_file(train={"epochs": {"choice": [6, 3]}}, method={"two_stage": {"weights.start": {"choice": [5, 2]}}}),
+     "space.method.two_stage.weights.start", "value 5 with space.train.epochs = 3: must be below"),
     (_file(method={"reweight": {"weights": {"beta": {"choice": [-0.5, 0.9]}}}}),
      "space.method.reweight.weights.beta", "must be >= 0"),
     (_file(method={"two_stage": {"weights.start": {"int": [1, 9]}}}),

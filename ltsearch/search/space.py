@@ -345,16 +345,23 @@ def _check_combinations(base: dict, knobs: dict[str, Dist], preset: str, dists: 
                         check: Callable[[dict], Any] = config_from_dict) -> None:
     """``check`` on every config of :func:`_combinations`: a space whose values can combine into
     an invalid trial (``train.epochs`` and an absolute ``weights.start`` both searched) is refused
-    before anything runs, naming the value and the one it was paired with."""
+    before anything runs, naming the parameter the error is about (else the one varied), its
+    value and the value it was paired with."""
+    firsts = {f"space.{k}": d.extremes()[0] for k, d in knobs.items()}
+    firsts.update({f"space.method.{preset}.{p}": d.extremes()[0] for p, d in dists.items()})
     for cfg, fixed in _combinations(base, knobs, preset, dists):
         try:
             check(cfg)
         except ConfigError as e:
             if not fixed:
                 raise ConfigError(f"space.method.{preset}", f"at its first values: {e.message}") from None
-            (key, value), given = fixed[-1], ""
-            if len(fixed) > 1:
-                given = f" with {fixed[0][0]} = {fixed[0][1]!r}"
+            varied = [(k, v) for k, v in fixed if v != firsts[k]]
+            # the searched parameter the error names; else the one varied last
+            named = f"space.{e.key}".replace("space.method.", f"space.method.{preset}.", 1)
+            key = named if named in firsts else fixed[-1][0]
+            value = dict(fixed).get(key, firsts[key])
+            others = [(k, v) for k, v in varied if k != key]
+            given = f" with {others[0][0]} = {others[0][1]!r}" if others else ""
             raise ConfigError(key, f"value {value!r}{given}: {e.message}") from None
 
 
