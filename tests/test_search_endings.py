@@ -245,3 +245,35 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_ray(tmp_path, capsys
     assert len(err) == 1 and err[0].startswith(f"error: --address: no Ray cluster answers at "
                                                f"127.0.0.1:{port}"), err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_a_trial_this_machine_cannot_hold_is_refused_before_ray(tmp_path, capsys, kind):
+    """A local Ray has this machine's CPUs and GPUs and nothing else will join it: a trial
+    asking for more used to leave every trial PENDING, silently, for ever."""
+    import os
+
+    import torch
+
+    have = torch.cuda.device_count() if kind == "gpu" else os.cpu_count()
+    data = tiny_search(method={"ce": {}})
+    data["search"]["resources"] = {"cpu": 1, kind: have + 1}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path), "--storage", str(tmp_path / "s"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"error: search.resources.{kind}: ")
+    asked = f"{have + 1} {kind.upper()}" + ("s" if have else "")
+    assert f"asks for {asked} per trial; this machine has {have}" in err
+    assert out == "" and not (tmp_path / "s").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_which_trials_a_rays_nodes_can_hold(ray_local):
+    """Against a real Ray's nodes (the session's: 2 CPUs, no GPU): what a joined cluster is
+    checked with once Ray is up (it warns there: an autoscaling cluster may add the node)."""
+    from ltsearch.search.run import nodes_for
+    from ltsearch.search.space import Resources
+
+    assert nodes_for(Resources(cpu=1, gpu=0)) == 1 and nodes_for(Resources(cpu=2, gpu=0)) == 1
+    assert nodes_for(Resources(cpu=1, gpu=0.5)) == 0 and nodes_for(Resources(cpu=3, gpu=0)) == 0

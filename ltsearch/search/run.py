@@ -101,6 +101,8 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     log records too. ``confirm_only``: a finished search's confirmation runs (``ltsearch confirm``).
     ``began``: when the command started (``time.monotonic``), for the progress line's clock."""
     address = resolve_address(address)
+    if address is None:
+        check_machine_holds(space.settings.resources)
     search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
     if began is not None:
         search.began = began
@@ -188,6 +190,29 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
         raise ConfigError(key, f"no Ray cluster answers at {address} ({said}{e.strerror or e}); "
                                f"start one with `ray start --head`, or {local}") from None
     return address
+
+
+def check_machine_holds(resources) -> None:
+    """A local Ray has this machine's CPUs and GPUs, and no node will join it: a trial asking
+    for more would wait, PENDING, for ever."""
+    import torch
+
+    for kind, asked, have in (("cpu", resources.cpu, os.cpu_count() or 1),
+                              ("gpu", resources.gpu, torch.cuda.device_count())):
+        if asked > have:
+            raise ConfigError(f"search.resources.{kind}", f"asks for {asked:g} {kind.upper()}"
+                              f"{'s' * (asked != 1)} per trial; this machine has {have} (without "
+                              f"--address the search starts a local Ray on it): ask for fewer, or "
+                              f"join a cluster that has them with --address")
+
+
+def nodes_for(resources) -> int:
+    """How many of the running Ray's live nodes could hold one trial."""
+    import ray
+
+    asked = {"CPU": resources.cpu, "GPU": resources.gpu}
+    return sum(node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in asked.items())
+               for node in ray.nodes())
 
 
 def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
@@ -318,6 +343,14 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
+    resources = search.space.settings.resources
+    if not nodes_for(resources):
+        said = (f"no node of this Ray can hold a trial ({resources.cpu:g} CPUs and "
+                f"{resources.gpu:g} GPUs, search.resources)")
+        if started and not address:  # this machine's own Ray, fewer CPUs than it has (a quota)
+            raise ConfigError("search.resources", said)
+        log.warning("%s: its trials wait until one joins (an autoscaling cluster adds it; else "
+                    "stop with Ctrl-C and ask for fewer)", said)
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
