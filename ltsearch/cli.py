@@ -79,6 +79,8 @@ def cmd_train(args) -> int:
           f"{describe_groups(data.counts, m.many_threshold, m.few_threshold, m.groups)}", flush=True)
     if resumed:
         print(f"resumed from {checkpoint} at epoch {trainer.epoch}")
+    elif args.resume:
+        print(f"--resume: no checkpoint in {out} yet: training from epoch 1")
 
     def on_epoch(metrics, tr):
         print_progress(metrics, tr)

@@ -73,6 +73,16 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # nothing written
 
 
+def test_resume_without_a_checkpoint_says_it_starts_afresh(tmp_path, capsys):
+    """`--resume` on a first launch (a job script that always passes it) trains from epoch 1,
+    and says so: it used to start afresh in silence, as if it had resumed."""
+    out = tmp_path / "o"
+    assert main(["train", str(_write(tmp_path)), "--out", str(out), "--resume"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"--resume: no checkpoint in {out} yet: training from epoch 1" in lines
+    assert (out / "metrics.json").is_file()
+
+
 def test_non_finite_values_and_duplicate_keys(tmp_path, capsys):
     text = yaml.safe_dump(CFG).replace("lr: 0.02", "lr: .inf")
     msg = _fails(capsys, ["train", str(_write(tmp_path, text=text))], "train.lr")
