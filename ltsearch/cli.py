@@ -55,6 +55,8 @@ def cmd_train(args) -> int:
         if args.epochs < 1:
             raise ConfigError("--epochs", f"must be >= 1, got {args.epochs}")
         cfg = with_epochs(cfg, args.epochs)
+    if args.checkpoint_every is None:  # a run that is to be resumed keeps resumable
+        args.checkpoint_every = 1 if args.resume else 0
     if args.checkpoint_every < 0:
         raise ConfigError("--checkpoint-every", f"must be >= 0, got {args.checkpoint_every}")
     if args.time_limit is not None and not args.time_limit > 0:
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     t.add_argument("--epochs", type=int, help="override train.epochs (milestones and the method's "
                    "absolute epoch knobs scale with it)")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="save checkpoint.pt every N epochs")
+    t.add_argument("--checkpoint-every", type=int, help="save checkpoint.pt every N epochs "
+                   "(default: every epoch with --resume, else never)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--time-limit", type=float, help="minutes; stop after the epoch that passes it "
                    "and evaluate on test (status 'stopped')")

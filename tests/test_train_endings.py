@@ -75,12 +75,15 @@ def test_corrupt_checkpoint(tmp_path, capsys):
 
 def test_resume_without_a_checkpoint_says_it_starts_afresh(tmp_path, capsys):
     """`--resume` on a first launch (a job script that always passes it) trains from epoch 1,
-    and says so: it used to start afresh in silence, as if it had resumed."""
+    and says so: it used to start afresh in silence, as if it had resumed. It checkpoints every
+    epoch unless told otherwise: without `--checkpoint-every` nothing was ever saved to resume."""
     out = tmp_path / "o"
     assert main(["train", str(_write(tmp_path)), "--out", str(out), "--resume"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert f"--resume: no checkpoint in {out} yet: training from epoch 1" in lines
-    assert (out / "metrics.json").is_file()
+    assert (out / "metrics.json").is_file() and (out / "checkpoint.pt").is_file()
+    assert main(["train", str(_write(tmp_path)), "--out", str(out), "--resume"]) == 0
+    assert f"resumed from {out / 'checkpoint.pt'} at epoch 1" in capsys.readouterr().out
 
 
 def test_non_finite_values_and_duplicate_keys(tmp_path, capsys):
