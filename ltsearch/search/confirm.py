@@ -19,7 +19,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ltsearch.config import ConfigError
 from ltsearch.search.records import CONFIRM_OF, SEED, TrialRecords
 from ltsearch.search.results import CONFIRM_PREFIX, read_info
-from ltsearch.search.run import RAY_SUBDIR, Search, SearchStopped, print_stopped, print_summary, trainable_for, run_search
+from ltsearch.search.run import (RAY_SUBDIR, Search, SearchStopped, confirming, print_stopped,
+                                 print_summary, run_search, trainable_for)
 
 
 class Points(Searcher):
@@ -98,9 +99,8 @@ def run_confirmation(search: Search, verbose: int) -> str:
     if not points:
         return "finished"
     top, seeds = settings.confirm.top, settings.confirm.seeds
-    print(f"confirming {'the best config' if top == 1 else f'the {top} best configs'} with {seeds} "
-          f"fresh seed{'s' if seeds > 1 else ''}{' each' if top > 1 else ''}: {len(points)} "
-          f"run{'s' if len(points) > 1 else ''} to do", flush=True)
+    print(f"confirming {confirming(top, seeds)}: {len(points)} run{'s' if len(points) > 1 else ''} "
+          "to do", flush=True)
     searcher = Points(points, settings.metric, settings.mode)
     tuner = tune.Tuner(
         trainable_for(search),

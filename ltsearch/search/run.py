@@ -124,6 +124,12 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     return outcome
 
 
+def confirming(top: int, seeds: int) -> str:
+    """What confirmation re-trains, in words."""
+    return (f"{'the best config' if top == 1 else f'the {top} best configs'} with {seeds} fresh "
+            f"seed{'s' if seeds > 1 else ''}{' each' if top > 1 else ''}")
+
+
 def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> None:
     """One line once the checks have passed, before the seconds Ray takes to start: what runs,
     where its results go, which Ray."""
@@ -135,7 +141,7 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
     top, seeds = settings.confirm.top, settings.confirm.seeds
     methods = len(search.space.methods)
     if confirm_only:
-        what = f"confirmation of the best {top} with {seeds} seeds each"
+        what = "confirmation runs"
     else:
         what = f"{settings.num_samples} trials over {methods} method{'s' * (methods != 1)}"
         if search.resume:
@@ -143,7 +149,7 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
                         TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF))
             what = f"resuming {what} ({ended} ended)"
         if top:
-            what += f", then the best {top} with {seeds} seeds each"
+            what += f", then {confirming(top, seeds)}"
     where = ("on the Ray already running" if ray.is_initialized()
              else f"joining the Ray cluster at {address}" if address else "starting a local Ray")
     print(f"search {search.name}: {what}, {settings.max_concurrent} at a time, in {search.folder}; "
