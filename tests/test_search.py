@@ -37,6 +37,22 @@ def test_a_ray_the_search_joined_stays_up(search, ray_local):
     assert ray_local.is_initialized()
 
 
+def test_resuming_a_finished_search_starts_nothing(search, capsys):
+    """Every trial has ended: `--resume` closes the records again and prints the summary, without
+    Ray (it restored Tune's experiment and waited on Ray's start for nothing)."""
+    outcome, space, tmp = search
+    ray_files = {p: p.stat().st_mtime_ns for p in (outcome.folder / "ray").rglob("*") if p.is_file()}
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    again = run_search(space, name="tiny", storage=tmp / "searches", tracking_uri=uri, resume=True)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"search tiny: its 8 trials have all ended, in {outcome.folder}: nothing to resume")
+    assert {p: p.stat().st_mtime_ns for p in (outcome.folder / "ray").rglob("*") if p.is_file()} == ray_files
+    assert again.leaderboard == outcome.leaderboard and again.ending == "finished"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+
 def test_records_and_leaderboard(search):
     outcome, space, _ = search
     trials = outcome.records.trials

@@ -109,6 +109,10 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if confirm_only:
         _check_finished(search)
     prepare_search(search)
+    if not confirm_only and not _work_left(search):
+        print(f"search {search.name}: its {search.space.settings.num_samples} trials have all ended, "
+              f"in {search.folder}: nothing to resume", flush=True)
+        return finish_search(search, "finished")
     say_starting(search, address, confirm_only)
     ending, cause = "failed", None
     try:
@@ -122,6 +126,18 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if ending != "finished":
         raise SearchStopped(outcome, cause)
     return outcome
+
+
+def _work_left(search: Search) -> bool:
+    """Whether a search has anything for Ray to do: a fresh one, or a resumed one with trials
+    not yet run or not ended, or confirmation runs missing."""
+    if not search.resume or _trials_left(search):
+        return True
+    if search.space.settings.confirm.top:
+        from ltsearch.search.confirm import confirmation_points
+
+        return bool(confirmation_points(search))
+    return False
 
 
 def confirming(top: int, seeds: int) -> str:
@@ -156,12 +172,17 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
           f"{where}", flush=True)
 
 
-def _check_finished(search: Search) -> None:
+def _trials_left(search: Search) -> bool:
+    """Whether some of the search's trials (not its confirmation runs) have not run or ended."""
     from ltsearch.search.records import TrialRecords
 
     trials = [r for r in TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF)]
-    if len(trials) < search.space.settings.num_samples or any(
-            r["status"] in ("RUNNING", "INTERRUPTED") for r in trials):
+    return len(trials) < search.space.settings.num_samples or any(
+        r["status"] in ("RUNNING", "INTERRUPTED") for r in trials)
+
+
+def _check_finished(search: Search) -> None:
+    if _trials_left(search):
         raise ConfigError("search_dir", f"the search in {search.folder} has not finished: continue "
                                         "it with `ltsearch search FILE --resume` first")
 
@@ -349,17 +370,17 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
-    resources = search.space.settings.resources
-    if not nodes_for(resources):
-        said = (f"no node of this Ray can hold a trial ({resources.cpu:g} CPUs and "
-                f"{resources.gpu:g} GPUs, search.resources)")
-        if started and not address:  # this machine's own Ray, fewer CPUs than it has (a quota)
-            raise ConfigError("search.resources", said)
-        log.warning("%s: its trials wait until one joins (an autoscaling cluster adds it; else "
-                    "stop with Ctrl-C and ask for fewer)", said)
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
+        resources = search.space.settings.resources
+        if not nodes_for(resources):
+            said = (f"no node of this Ray can hold a trial ({resources.cpu:g} CPUs and "
+                    f"{resources.gpu:g} GPUs, search.resources)")
+            if started and not address:  # this machine's own Ray, with fewer CPUs (a quota)
+                raise ConfigError("search.resources", said)
+            log.warning("%s: its trials wait until one joins (an autoscaling cluster adds it; "
+                        "else stop with Ctrl-C and ask for fewer)", said)
         with ray_messages_to(search.folder / RAY_LOG, verbose):  # after ray.init, which resets them
             ending = "finished" if confirm_only else _tune(search, verbose)
             if ending == "finished" and search.space.settings.confirm.top:
