@@ -227,10 +227,14 @@ def check_machine_holds(resources) -> None:
     for kind, asked, have in (("cpu", resources.cpu, os.cpu_count() or 1),
                               ("gpu", resources.gpu, torch.cuda.device_count())):
         if asked > have:
-            raise ConfigError(f"search.resources.{kind}", f"asks for {asked:g} {kind.upper()}"
-                              f"{'s' * (asked != 1)} per trial; this machine has {have} (without "
+            raise ConfigError(f"search.resources.{kind}", f"asks for {_count(asked, kind.upper())} "
+                              f"per trial; this machine has {have} (without "
                               f"--address the search starts a local Ray on it): ask for fewer, or "
                               f"join a cluster that has them with --address")
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}{'s' * (n != 1)}"
 
 
 def nodes_for(resources) -> int:
@@ -375,8 +379,8 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
     try:
         resources = search.space.settings.resources
         if not nodes_for(resources):
-            said = (f"no node of this Ray can hold a trial ({resources.cpu:g} CPUs and "
-                    f"{resources.gpu:g} GPUs, search.resources)")
+            said = (f"no node of this Ray can hold a trial ({_count(resources.cpu, 'CPU')} and "
+                    f"{_count(resources.gpu, 'GPU')}, search.resources)")
             if started and not address:  # this machine's own Ray, with fewer CPUs (a quota)
                 raise ConfigError("search.resources", said)
             log.warning("%s: its trials wait until one joins (an autoscaling cluster adds it; "
