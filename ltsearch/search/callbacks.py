@@ -18,7 +18,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from ltsearch.recipes import reported_metrics
-from ltsearch.search.records import CONFIRM_OF, SEED, TrialRecords, error_text, finished_status, scalars
+from ltsearch.search.records import (CONFIRM_OF, ONGOING, SEED, TrialRecords, error_text,
+                                     finished_status, scalars)
 from ltsearch.search.tracker import Tracker
 
 TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs
@@ -184,14 +185,13 @@ class ProgressCallback(Callback):
     def _counts(self) -> tuple[int, Optional[dict]]:
         """Trials ended so far, and the best of them by the search's metric."""
         records = TrialRecords(self.folder)
-        ongoing = ("RUNNING", "INTERRUPTED")
-        ended = sum(r["status"] not in ongoing for r in records.trials.values()
+        ended = sum(r["status"] not in ONGOING for r in records.trials.values()
                     if bool(r.get(CONFIRM_OF)) == self.confirming)
         if self.confirming:
             confirmed = records.confirmed(self.metric, self.space.settings.mode)
             return ended, (confirmed[0] if confirmed else None)
         ranked = [r for r in records.ranked(self.metric, self.space.settings.mode, completed_only=False)
-                  if r["status"] not in ongoing]
+                  if r["status"] not in ONGOING]
         return ended, (ranked[0] if ranked else None)
 
     def _bar(self) -> str:

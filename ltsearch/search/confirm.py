@@ -17,7 +17,7 @@ from pathlib import Path
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import CONFIRM_OF, SEED, TrialRecords
+from ltsearch.search.records import CONFIRM_OF, ONGOING, SEED, TrialRecords
 from ltsearch.search.results import CONFIRM_PREFIX, read_info
 from ltsearch.search.run import (RAY_SUBDIR, Search, SearchStopped, confirming, print_stopped,
                                  print_summary, run_search, trainable_for)
@@ -88,7 +88,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     rounds = sorted((p for p in search.folder.glob(f"{CONFIRM_PREFIX}*") if p.is_dir()),
                     key=lambda p: int(p.name.removeprefix(CONFIRM_PREFIX)))
     open_runs = [r for r in TrialRecords(search.folder).trials.values()
-                 if r.get(CONFIRM_OF) and r["status"] in ("RUNNING", "INTERRUPTED")]
+                 if r.get(CONFIRM_OF) and r["status"] in ONGOING]
     if open_runs and rounds and (rounds[-1] / "tuner.pkl").is_file():
         tuner = tune.Tuner.restore(str(rounds[-1]), trainable=trainable_for(search), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)

@@ -21,6 +21,7 @@ from ltsearch.metrics import SCALARS
 TRIALS_FILE = "trials.json"
 CONFIRM_OF = "confirm_of"  # a confirmation run's record (and Tune config): the trial it confirms,
 SEED = "seed"              # and its fresh seed
+ONGOING = ("RUNNING", "INTERRUPTED")  # a trial's statuses before it ends (--resume continues it)
 SCALAR_METRICS = (*(f"val/{m}" for m in SCALARS), *(f"test/{m}" for m in SCALARS), "train/loss")
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 from ltsearch.config import ConfigError, writable_folder
 from ltsearch.runconfig import config_from_dict
-from ltsearch.search.records import CONFIRM_OF
+from ltsearch.search.records import CONFIRM_OF, ONGOING
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
     if confirm_only:
         what = "confirmation runs"
     else:
-        what = f"{settings.num_samples} trials over {methods} method{'s' * (methods != 1)}"
+        what = f"{_count(settings.num_samples, 'trial')} over {_count(methods, 'method')}"
         if search.resume:
-            ended = sum(r["status"] not in ("RUNNING", "INTERRUPTED") for r in
+            ended = sum(r["status"] not in ONGOING for r in
                         TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF))
             what = f"resuming {what} ({ended} ended)"
         if top:
@@ -178,7 +178,7 @@ def _trials_left(search: Search) -> bool:
 
     trials = [r for r in TrialRecords(search.folder).trials.values() if not r.get(CONFIRM_OF)]
     return len(trials) < search.space.settings.num_samples or any(
-        r["status"] in ("RUNNING", "INTERRUPTED") for r in trials)
+        r["status"] in ONGOING for r in trials)
 
 
 def _check_finished(search: Search) -> None:
@@ -527,7 +527,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         # Trials Tune never recorded (started after its last snapshot, then the driver stopped)
         # cannot be continued: RUNNING after a killed driver, INTERRUPTED after a stopped one.
         for trial_id, r in records.trials.items():
-            if r["status"] in ("RUNNING", "INTERRUPTED") and trial_id not in search.tune_trial_ids:
+            if r["status"] in ONGOING and trial_id not in search.tune_trial_ids:
                 records.update(trial_id, status="LOST", error="the driver stopped before Ray "
                                                                "recorded this trial; it was not resumed")
         study = _study(search) if open_optuna else None
