@@ -3,6 +3,7 @@ import json
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_search
@@ -51,6 +52,26 @@ def test_resuming_a_finished_search_starts_nothing(search, capsys):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])
     assert "RUNNING" not in {r.info.status for r in runs}
+
+
+def test_a_resumed_search_keeps_the_trial_count_it_started_with(search, tmp_path, capsys):
+    """Tune's restored experiment runs the trials it was started with: `--resume --num-samples
+    12` said "resuming 12 trials" and ran none; a search started with `--num-samples 2` and
+    resumed without it said "resuming 16" (the file's), and `ltsearch confirm` found it
+    unfinished for good. The folder's search.yaml holds what ran; a resume keeps it."""
+    outcome, space, tmp = search
+    data = yaml.safe_load((outcome.folder / "search.yaml").read_text())
+    data["search"]["num_samples"] = 20  # the file edited since, or a search started with an override
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # `when` names a parameter before it
+    argv = ["search", str(path), "--resume", "--storage", str(tmp / "searches"), "--name", "tiny",
+            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    assert main(argv + ["--num-samples", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --num-samples: 12, but the search in ")
+    assert "runs 8 trials" in err
+    assert main(argv) == 0  # the file's 20 gives way to the 8 it was started with
+    assert capsys.readouterr().out.startswith("search tiny: its 8 trials have all ended")
 
 
 def test_records_and_leaderboard(search):

@@ -83,6 +83,8 @@ def test_a_search_with_tracking_off_records_only_its_folder_and_talks_quietly(tm
     assert all(r["metrics"]["val/balanced_acc"] is not None for r in trials.values())
     assert (tmp_path / "searches" / "s" / "best_config.yaml").is_file()
     assert not list(tmp_path.glob("mlflow*")) and "tracking: off" in out.stdout
+    stored = yaml.safe_load((tmp_path / "searches" / "s" / "search.yaml").read_text())
+    assert stored["search"]["tracking"] == "none"  # what ran (--no-tracking), not the file
     assert "MLflow" not in out.stdout + out.stderr
     lines = out.stdout.splitlines()
     folder = (tmp_path / "searches" / "s").resolve()  # said once the checks passed, before Ray

@@ -219,6 +219,30 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
     return address
 
 
+# Tune's restored experiment keeps its count of trials and its concurrency limiter's state
+FIXED_ON_RESUME = {"num_samples": "--num-samples", "max_concurrent": "--max-concurrent"}
+
+
+def stored_settings(folder: Path):
+    """The search settings a search folder ran with (its search.yaml), None if it has none."""
+    from ltsearch.search.space import load_search_file
+
+    path = Path(folder) / "search.yaml"
+    return load_search_file(path).settings if path.is_file() else None
+
+
+def check_fixed_on_resume(space, folder: Path) -> None:
+    """A resumed search runs the trials it was started with, so many at a time."""
+    stored = stored_settings(folder)
+    for key, flag in FIXED_ON_RESUME.items():
+        have, asked = getattr(stored, key, None), getattr(space.settings, key)
+        if have is not None and have != asked:
+            raise ConfigError(flag, f"{asked}, but the search in {folder} runs {_count(have, 'trial')}"
+                                    f"{' at a time' if key == 'max_concurrent' else ''} (Ray Tune "
+                                    "resumes it as it was started); for another count, start another "
+                                    "search with --name")
+
+
 def check_machine_holds(resources) -> None:
     """A local Ray has this machine's CPUs and GPUs, and no node will join it: a trial asking
     for more would wait, PENDING, for ever."""
@@ -267,6 +291,8 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     folder = (Path(storage) / name).resolve()
     if resume and not (folder / RAY_SUBDIR / "tuner.pkl").is_file():
         raise ConfigError("--resume", f"no search to resume at {folder}")
+    if resume:
+        check_fixed_on_resume(space, folder)
     if not resume and (folder / RAY_SUBDIR / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
@@ -608,10 +634,14 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
 def main_search(args) -> int:
     from ltsearch.search.space import load_search_file
 
+    name = args.name or search_name(args.space)
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "tracking": "none" if args.no_tracking else None, "confirm": parse_confirm(args.confirm)}
+    stored = stored_settings(Path(args.storage) / name) if args.resume else None
+    for key in FIXED_ON_RESUME:  # what the search ran with, unless the command line says otherwise
+        if overrides[key] is None and stored is not None:
+            overrides[key] = getattr(stored, key)
     space = load_search_file(args.space, overrides)
-    name = args.name or search_name(args.space)
     try:
         outcome = run_search(space, name=name, storage=args.storage, address=args.address,
                              tracking_uri=args.tracking_uri, resume=args.resume,

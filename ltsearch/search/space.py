@@ -181,7 +181,7 @@ class SearchSpace:
     settings: SearchSettings
     train: dict[str, Dist]  # "train.lr" style keys (any base section)
     methods: dict[str, dict[str, Dist]]
-    source: dict  # the file as read
+    source: dict  # the file as read, with the command line's overrides of its search settings
 
     # --- define-by-run for Optuna ------------------------------------------------------------
     def define(self, trial) -> None:
@@ -438,7 +438,7 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
         _check_combinations(base, knobs, name, dists)
         _check_ranges(name, dists, mkey)
         methods[name] = dists
-    return SearchSpace(base, settings, knobs, methods, data)
+    return SearchSpace(base, settings, knobs, methods, {**data, "search": search} if search else data)
 
 
 def _flatten_params(params: Any, key: str) -> dict:
