@@ -224,11 +224,15 @@ FIXED_ON_RESUME = {"num_samples": "--num-samples", "max_concurrent": "--max-conc
 
 
 def stored_settings(folder: Path):
-    """The search settings a search folder ran with (its search.yaml), None if it has none."""
-    from ltsearch.search.space import load_search_file
+    """The search settings a search folder ran with (its search.yaml's ``search`` section, not
+    the space: no combination checks), None if it has none."""
+    from ltsearch.config import from_dict, read_yaml
+    from ltsearch.search.space import SearchSettings
 
     path = Path(folder) / "search.yaml"
-    return load_search_file(path).settings if path.is_file() else None
+    if not path.is_file():
+        return None
+    return from_dict(SearchSettings, (read_yaml(path) or {}).get("search") or {}, "search")
 
 
 def check_fixed_on_resume(space, folder: Path) -> None:
