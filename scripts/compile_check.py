@@ -12,7 +12,8 @@ Per trial: its first epoch, its steady s/epoch (the median of the rest) and the 
 estimate, first − steady. Prints a table; writes ``compile.json`` in ``--out``.
 
     python scripts/compile_check.py --archive .devdata/cifar10-jpeg.tar.gz --out $OUT/compile
-    python scripts/compile_check.py --archive ... --out /tmp/cc --max-per-class 50 --epochs 2  # CPU smoke
+    python scripts/compile_check.py --archive ... --out /tmp/cc --max-per-class 200 --epochs 3 \
+        --trials 2 --compile-on-cpu  # no GPU: the same caching, with inductor's C++ backend
 """
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ def trial_config(root: Path, compile_: bool, epochs: int, max_per_class):
                              "train": {"epochs": epochs, "compile": compile_}, "method": {"name": "ce"}})
 
 
-def one_trial(cfg, data) -> dict:
+def one_trial(cfg, data, on_cpu: bool = False) -> dict:
     """A fresh trainer (model, optimiser, randomness) trained for cfg's epochs."""
     from ltsearch.trainer import Trainer
 
     began = time.perf_counter()
     trainer = Trainer(cfg, data)
+    trainer.compiling = trainer.compiling or (on_cpu and cfg.train.compile)
     build = time.perf_counter() - began
     times: list[float] = []
     trainer.fit(lambda metrics, tr: times.append(metrics["epoch_time_s"]))
@@ -55,7 +57,7 @@ def child(args) -> None:
     from ltsearch.data import build_data
 
     cfg = trial_config(Path(args.root), True, args.epochs, args.max_per_class)
-    result = one_trial(cfg, build_data(cfg.data))
+    result = one_trial(cfg, build_data(cfg.data), args.compile_on_cpu)
     Path(args.child).write_text(json.dumps(result))
 
 
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-per-class", type=int, help="a smaller subset (a CPU smoke test)")
+    ap.add_argument("--compile-on-cpu", action="store_true",
+                    help="compile on the CPU too (the trainer compiles on CUDA only): the caching "
+                         "checked where no GPU is lent; inductor's C++ compile takes ~40 s")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one trial, result to this file
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -82,14 +87,15 @@ def main() -> None:
 
     root = unpacked(args.archive, "/tmp/ltsearch-data", "cifar10-jpeg")
     print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-          "(compile applies on CUDA only)", "torch", torch.__version__, flush=True)
+          "" if args.compile_on_cpu else "(compile applies on CUDA only)", "torch", torch.__version__,
+          flush=True)
     rows = []
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(out / "cache_inprocess")
     cfg = trial_config(root, True, args.epochs, args.max_per_class)
     data = build_data(cfg.data)
     for i in range(args.trials):
-        rows.append({"mode": "inprocess", "trial": i + 1, **one_trial(cfg, data)})
+        rows.append({"mode": "inprocess", "trial": i + 1, **one_trial(cfg, data, args.compile_on_cpu)})
         print(rows[-1], flush=True)
 
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(out / "cache_shared"),
@@ -99,7 +105,8 @@ def main() -> None:
         began = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--child", str(result), "--root", str(root),
                         "--epochs", str(args.epochs)]
-                       + (["--max-per-class", str(args.max_per_class)] if args.max_per_class else []),
+                       + (["--max-per-class", str(args.max_per_class)] if args.max_per_class else [])
+                       + (["--compile-on-cpu"] if args.compile_on_cpu else []),
                        env=env, check=True)
         rows.append({"mode": "processes", "trial": i + 1, "process_s": time.perf_counter() - began,
                      **json.loads(result.read_text())})

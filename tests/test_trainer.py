@@ -10,6 +10,7 @@ from conftest import make_config
 from ltsearch.cli import main
 from ltsearch.metrics import classification_metrics, describe_groups, shot_groups
 from ltsearch.models import ImageClassifier, build_body
+from ltsearch import trainer as trainer_module
 from ltsearch.trainer import Trainer
 
 METHODS = [
@@ -138,6 +139,38 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, digits_data, method):
     assert resumed.metrics["train/loss"] == pytest.approx(full.metrics["train/loss"], rel=1e-6)
     for a, b in zip(full.history, resumed.history):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", [{"name": "ce"}, {"name": "bbn"}], ids=_id)
+def test_a_worker_compiles_once_not_once_per_trial(monkeypatch, digits_data, method):
+    """A reused worker runs trial after trial, each a fresh trainer and model. Dynamo is given
+    each graph it builds; a backend that records them counts what inductor would compile
+    (the trainer compiles on CUDA only; here it is told to on the CPU): the second trial's
+    fresh model compiles nothing, and both trials' numbers equal eager's to the bit."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compiler.reset()
+    monkeypatch.setattr(trainer_module, "compile_forward",
+                        lambda model: torch.compile(model, backend=counting_backend))
+    cfg = make_config(method, train={"epochs": 2})
+    timing = ("images_per_s", "epoch_time_s", "eval_time_s")
+
+    def numbers(result):
+        return [{k: v for k, v in h.items() if k not in timing} for h in result.history]
+
+    eager = numbers(Trainer(cfg, digits_data).fit())
+    after = []
+    for _ in range(2):
+        trainer = Trainer(cfg, digits_data)
+        trainer.compiling = True
+        assert numbers(trainer.fit()) == eager
+        after.append(len(graphs))
+    torch.compiler.reset()
+    assert after[0] >= 1 and after[1] == after[0]
 
 
 def test_non_finite_loss_stops_with_error_state(digits_data):
