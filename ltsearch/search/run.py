@@ -109,9 +109,12 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     if confirm_only:
         _check_finished(search)
     prepare_search(search)
-    if not confirm_only and not _work_left(search):
-        print(f"search {search.name}: its {search.space.settings.num_samples} trials have all ended, "
-              f"in {search.folder}: nothing to resume", flush=True)
+    if not _work_left(search, confirm_only):
+        settings = search.space.settings
+        done = (f"confirming {confirming(settings.confirm.top, settings.confirm.seeds)}: every run "
+                "has ended" if confirm_only else f"its {settings.num_samples} trials have all ended")
+        print(f"search {search.name}: {done}, in {search.folder}: nothing to "
+              f"{'run' if confirm_only else 'resume'}", flush=True)
         return finish_search(search, "finished")
     say_starting(search, address, confirm_only)
     ending, cause = "failed", None
@@ -128,10 +131,11 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     return outcome
 
 
-def _work_left(search: Search) -> bool:
+def _work_left(search: Search, confirm_only: bool) -> bool:
     """Whether a search has anything for Ray to do: a fresh one, or a resumed one with trials
-    not yet run or not ended, or confirmation runs missing."""
-    if not search.resume or _trials_left(search):
+    not yet run or not ended, or confirmation runs missing (all that ``ltsearch confirm``
+    looks for: it runs on finished searches)."""
+    if not confirm_only and (not search.resume or _trials_left(search)):
         return True
     if search.space.settings.confirm.top:
         from ltsearch.search.confirm import confirmation_points
