@@ -66,6 +66,17 @@ def confirmation_points(search: Search) -> list[dict]:
     return points
 
 
+def open_runs(search: Search) -> list[dict]:
+    """Confirmation runs an interrupted round left unfinished: resumed before anything new."""
+    return [r for r in TrialRecords(search.folder).trials.values()
+            if r.get(CONFIRM_OF) and r["status"] in ONGOING]
+
+
+def confirmation_left(search: Search) -> bool:
+    """Whether confirmation has runs to finish or to start (else Ray need not start)."""
+    return bool(open_runs(search) or confirmation_points(search))
+
+
 def run_confirmation(search: Search, verbose: int) -> str:
     """Run what confirmation is missing; "finished" or "interrupted"."""
     from ray import tune
@@ -87,9 +98,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
 
     rounds = sorted((p for p in search.folder.glob(f"{CONFIRM_PREFIX}*") if p.is_dir()),
                     key=lambda p: int(p.name.removeprefix(CONFIRM_PREFIX)))
-    open_runs = [r for r in TrialRecords(search.folder).trials.values()
-                 if r.get(CONFIRM_OF) and r["status"] in ONGOING]
-    if open_runs and rounds and (rounds[-1] / "tuner.pkl").is_file():
+    if open_runs(search) and rounds and (rounds[-1] / "tuner.pkl").is_file():
         tuner = tune.Tuner.restore(str(rounds[-1]), trainable=trainable_for(search), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         replace_restored_callbacks(tuner, callbacks())

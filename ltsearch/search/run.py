@@ -138,9 +138,9 @@ def _work_left(search: Search, confirm_only: bool) -> bool:
     if not confirm_only and (not search.resume or _trials_left(search)):
         return True
     if search.space.settings.confirm.top:
-        from ltsearch.search.confirm import confirmation_points
+        from ltsearch.search.confirm import confirmation_left
 
-        return bool(confirmation_points(search))
+        return confirmation_left(search)
     return False
 
 
