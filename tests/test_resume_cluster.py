@@ -254,37 +254,48 @@ def test_ctrl_c_then_resume(tmp_path):
         assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once
 
 
-def test_ctrl_c_during_confirmation_then_resume(tmp_path):
-    """Confirmation runs end as cleanly as the search's trials: interrupted ones are closed
-    and ``--resume`` finishes them, each epoch recorded once."""
+def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
+    """Confirmation runs end as cleanly as the search's trials: an interrupted one is closed,
+    and a later `ltsearch confirm` finishes it, each epoch recorded once, even one asking for
+    fewer seeds than the round it belongs to (with nothing of its own to run, it closed the
+    interrupted run as lost). `--resume` reaches the same code (run_confirmation)."""
     data = tiny_search(method={"ce": {}})
+    data["base"]["train"]["epochs"] = 6  # a window of seconds to press Ctrl-C in
     data["search"].update(num_samples=1, max_concurrent=1, asha={"enabled": False},
                           confirm={"top": 1, "seeds": 2})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd, folder = _search_cmd(tmp_path, data, "c", uri)
-    code, log = _ctrl_c(cmd, tmp_path / "first.log",
-                        lambda: any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
-                                    for r in _trials(folder).values()), "a confirmation run past its first epoch")
+
+    def second_seed_running():
+        trials = list(_trials(folder).values())
+        own = [r["config"]["seed"] for r in trials if not r.get("confirm_of")]
+        return bool(own) and any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
+                                 and r["seed"] == own[0] + 2 for r in trials)
+
+    code, log = _ctrl_c(cmd, tmp_path / "first.log", second_seed_running,
+                        "the second seed's confirmation run past its first epoch")
     assert code == 130 and "--resume" in log, log[-3000:]
     records = _trials(folder)
     assert [r["status"] for r in records.values() if not r.get("confirm_of")] == ["COMPLETED"]
-    assert "INTERRUPTED" in [r["status"] for r in records.values() if r.get("confirm_of")]
+    assert sorted(r["status"] for r in records.values() if r.get("confirm_of")) == ["COMPLETED",
+                                                                                    "INTERRUPTED"]
     client, exp = _nothing_running(uri)
 
-    resumed = _resume(cmd)
+    again = subprocess.run([str(BIN / "ltsearch"), "confirm", str(folder), "--top", "1", "--seeds", "1"],
+                           env=_env(), capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     after = _trials(folder)
     runs = [r for r in after.values() if r.get("confirm_of")]
-    best = max((r for r in after.values() if not r.get("confirm_of")),
-               key=lambda r: r["metrics"]["val/balanced_acc"])
+    best = next(r for r in after.values() if not r.get("confirm_of"))
     assert sorted(r["seed"] for r in runs) == [best["config"]["seed"] + 1, best["config"]["seed"] + 2]
     assert all(r["status"] == "COMPLETED" and r["confirm_of"] == best["trial_id"] for r in runs)
-    assert "± " in resumed.stdout and "(2)" in resumed.stdout
+    assert "± " in again.stdout and "(2)" in again.stdout
     tagged = client.search_runs([exp], "tags.`ltsearch.role` = 'confirmation'")
     assert sorted(r.data.tags["ltsearch.trial_id"] for r in tagged) == sorted(r["trial_id"] for r in runs)
     for run in tagged:
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")]
-        assert sorted(steps) == [1, 2, 3], steps  # every epoch once
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps  # every epoch once
 
 
 @pytest.mark.cluster
