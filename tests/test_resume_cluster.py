@@ -302,7 +302,10 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
 @pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
 def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave
-    the parent and child runs, trials.json and the Optuna study RUNNING for good."""
+    the parent and child runs, trials.json and the Optuna study RUNNING for good. MLflow retries
+    the lost server (here twice, quickly; by default for minutes per call): one line says so,
+    not urllib3's line per retry, and the end does not wait on it again per call (it printed
+    a warning per failed step, each after its own retries)."""
     port = free_port()
     server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
@@ -312,7 +315,8 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False})
     uri = f"http://127.0.0.1:{port}"
     cmd, folder = _search_cmd(tmp_path, data, "t", uri)
-    env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+               MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
@@ -328,7 +332,12 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
             _stop(driver)
         log = (tmp_path / "first.log").read_text()
         assert driver.returncode == 1, log[-3000:]
-        assert "error: the search stopped" in log and "--resume" in log
+        assert "Retrying" not in log and log.count(f"the MLflow server at {uri} stopped answering") == 1
+        assert f"error: the search stopped: TrackingError: no MLflow server answers at {uri} (" in log
+        assert "Traceback" not in log
+        warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
+        assert len(warnings) == 2 and "tracking records not closed" in warnings[1], log[-3000:]
+        assert "its tracking records not: once the store answers, `" in log and "--resume" in log
         statuses = [r["status"] for r in _trials(folder).values()]
         assert "RUNNING" not in statuses and "INTERRUPTED" in statuses
         study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'optuna.db'}")
@@ -347,5 +356,53 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
         assert runs and not [r for r in runs if r.info.status == "RUNNING"]
         assert sum(r.data.tags.get("ltsearch.kind") == "trial" and r.info.status == "FINISHED"
                    for r in runs) == 2
+    finally:
+        _stop(server)
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
+def test_a_tracking_server_back_within_mlflows_retries_costs_nothing(tmp_path, monkeypatch, caplog):
+    """A server restart while trials report: MLflow's client retries it, the tracker's thread
+    waits, nothing is lost. The user reads one line when it stops answering and one when it
+    is back, not urllib3's line per retry."""
+    from ltsearch.search.tracker import BackgroundTracker
+    from ltsearch.search.tracking import MLflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "6")  # 1+2+…+32 s: a restart fits
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+    server = _start(server_cmd, tmp_path / "mlflow1.log")
+    try:
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
+        tracker = BackgroundTracker(MLflowTracker.checked(uri, "ltsearch", ["a", "b"], [3, 1]))
+        tracker.start_search(tmp_path, "s", {})
+        tracker.start_trial("t1", "ce", {"lr": 0.1})
+        tracker.log("t1", 1, {"val/top1": 0.5})
+        tracker.drain()
+        _stop(server, signal.SIGKILL)
+        tracker.log("t1", 2, {"val/top1": 0.6})  # retried until the server is back
+        tracker.end_trial("t1", "COMPLETED", {"lr": 0.1}, {"val/top1": 0.6})
+        server = _start(server_cmd, tmp_path / "mlflow2.log")
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server again")  # meanwhile, retries
+        tracker.end_search("finished", [])
+    finally:
+        _stop(server)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [f"the MLflow server at {uri} stopped answering; MLflow retries for a few "
+                    "minutes while the search goes on", f"the MLflow server at {uri} answers again"]
+    server = _start(server_cmd, tmp_path / "mlflow3.log")
+    try:
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
+        client = MlflowClient(uri)
+        run = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id],
+                                 "tags.`ltsearch.trial_id` = 't1'")[0]
+        assert run.info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0.5, 0.6]
     finally:
         _stop(server)

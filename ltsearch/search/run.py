@@ -123,12 +123,20 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before Tune's handler is set
         ending, cause = "interrupted", e
     except Exception as e:
-        ending, cause = "failed", e
+        ending, cause = "failed", _own_cause(e)
     finally:
         outcome = finish_search(search, ending, cause)
     if ending != "finished":
         raise SearchStopped(outcome, cause)
     return outcome
+
+
+def _own_cause(e: Exception) -> Exception:
+    """Tune wraps what our callbacks raise in a TuneError whose message is the whole
+    traceback; a lost tracking store (a TrackingError, one line by design) is shown as itself."""
+    from ltsearch.search.tracker import TrackingError
+
+    return e.__context__ if isinstance(e.__context__, TrackingError) else e
 
 
 def _work_left(search: Search, confirm_only: bool) -> bool:
@@ -633,9 +641,13 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     if stop.outcome.ending == "interrupted":
         print(f"interrupted — continue with `{again}`", file=sys.stderr)
         return 130
+    from ltsearch.search.tracker import TrackingError
+
     cause = stop.cause
-    print(f"error: the search stopped: {type(cause).__name__}: {cause}\n"
-          f"  everything recorded is closed; fix the cause, then `{again}`", file=sys.stderr)
+    then = (f"its folder and Optuna study are closed, its tracking records not: once the store "
+            f"answers, `{again}` brings them up to date" if isinstance(cause, TrackingError)
+            else f"everything recorded is closed; fix the cause, then `{again}`")
+    print(f"error: the search stopped: {type(cause).__name__}: {cause}\n  {then}", file=sys.stderr)
     return 1
 
 

@@ -63,6 +63,13 @@ class Tracker:
         """Attach files to the record of the search in ``folder``, after it ended (a report
         written later); :class:`TrackingError` if the store fails to keep them."""
 
+    def unreachable(self) -> Optional[str]:
+        """Why the store cannot be reached now, in one line, or None when it answers."""
+        return None
+
+    def answered(self) -> None:
+        """A call went through (after an outage, the store is back)."""
+
     def describe(self) -> str:
         """One line for the summary: where to look at the records."""
         return "tracking: off"
@@ -101,8 +108,11 @@ class BackgroundTracker(Tracker):
             try:
                 if method is not None and self.error is None:
                     method(*args)
+                    self.inner.answered()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                self.error = e
+                why = self.inner.unreachable()  # the store went away: say so in one line
+                self.error = TrackingError(why) if why else e
+                self.error.__cause__ = e if why else e.__cause__
             finally:
                 self._calls.task_done()
             if method is None:
@@ -129,7 +139,12 @@ class BackgroundTracker(Tracker):
 
     def end_search(self, ending: str, artifacts: list[Path]) -> None:
         """Run what is queued, then close: a call that failed (a server that came back, say)
-        must not leave the search's record open."""
+        must not leave the search's record open. A store that does not answer now is not
+        waited for (each queued call would retry it for minutes): :class:`TrackingError`, and
+        ``--resume`` catches the records up once it is back."""
+        why = self.inner.unreachable()
+        if why:
+            raise TrackingError(why)
         try:
             self.drain()
         except Exception as e:

@@ -37,9 +37,9 @@ def prepare_environment() -> None:
                     "experiment by name (search.experiment)")
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before Ray starts, when the tracking store cannot be reached: MLflow's client
-    would retry an absent server for minutes and then print a traceback."""
+def unreachable(uri: str, timeout: float = 5.0) -> Optional[str]:
+    """Why the tracking store at ``uri`` cannot be reached, in words, or None when it answers
+    (a server's health check, a sqlite file's folder)."""
     import urllib.error
     import urllib.request
 
@@ -47,18 +47,58 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
                 if r.status == 200:
-                    return
+                    return None
                 reason = f"HTTP {r.status}"
         except urllib.error.HTTPError as e:
             reason = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
             reason = str(getattr(e, "reason", e))
-        raise ConfigError("--tracking-uri", f"no MLflow server answers at {uri} ({reason}); "
-                                            "start it or pass another --tracking-uri")
+        return f"no MLflow server answers at {uri} ({reason})"
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
-            raise ConfigError("--tracking-uri", f"{uri}: the folder {folder} does not exist")
+            return f"{uri}: the folder {folder} does not exist"
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before Ray starts, when the tracking store cannot be reached: MLflow's client
+    would retry an absent server for minutes and then print a traceback."""
+    why = unreachable(uri)
+    if why is not None:
+        server = uri.startswith(("http://", "https://"))
+        raise ConfigError("--tracking-uri", why + ("; start it or pass another --tracking-uri"
+                                                   if server else ""))
+
+
+class RetryNotice(logging.Filter):
+    """MLflow's HTTP client retries a server that stopped answering for minutes, and urllib3
+    logs each retry as a long warning. The user gets one line per outage instead: the first
+    retry says it, the rest are dropped, and a call that succeeds after it ends the outage."""
+
+    LOGGER = "urllib3.connectionpool"
+
+    def __init__(self):
+        super().__init__()
+        self.uri = ""
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Retrying"):
+            return True
+        if not self.said:
+            self.said = True
+            log.warning("the MLflow server at %s stopped answering; MLflow retries for a few "
+                        "minutes while the search goes on", self.uri)
+        return False
+
+    def answered(self) -> None:
+        if self.said:
+            self.said = False
+            log.warning("the MLflow server at %s answers again", self.uri)
+
+
+RETRIES = RetryNotice()  # one for the process: the logger is global
 
 
 def default_tracking_uri() -> str:
@@ -164,6 +204,8 @@ class MLflowTracker(Tracker):
         prepare_environment()
         uri = uri or default_tracking_uri()
         check_reachable(uri)
+        RETRIES.uri, RETRIES.said = uri, False
+        logging.getLogger(RetryNotice.LOGGER).addFilter(RETRIES)  # once: the same filter
         return cls(uri, experiment, classes, counts)
 
     @property
@@ -267,6 +309,12 @@ class MLflowTracker(Tracker):
             self._attach(paths)
         except _artifact_errors() as e:
             raise TrackingError(_one_line(e)) from e
+
+    def unreachable(self) -> Optional[str]:
+        return unreachable(self.uri)
+
+    def answered(self) -> None:
+        RETRIES.answered()
 
     def describe(self) -> str:
         return f"MLflow: {self.uri} (parent run {self.parent})"
