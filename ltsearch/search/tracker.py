@@ -110,9 +110,11 @@ class BackgroundTracker(Tracker):
                     method(*args)
                     self.inner.answered()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.error = e
                 why = self.inner.unreachable()  # the store went away: say so in one line
-                self.error = TrackingError(why) if why else e
-                self.error.__cause__ = e if why else e.__cause__
+                if why:
+                    self.error = TrackingError(why)
+                    self.error.__cause__ = e
             finally:
                 self._calls.task_done()
             if method is None:
