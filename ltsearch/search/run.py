@@ -23,6 +23,7 @@ from typing import Optional
 from ltsearch.config import ConfigError, writable_folder
 from ltsearch.runconfig import config_from_dict
 from ltsearch.search.records import CONFIRM_OF, ONGOING
+from ltsearch.search.tracker import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     prepare_search(search)
     if not _work_left(search, confirm_only):
         settings = search.space.settings
-        done = (f"confirming {confirming(settings.confirm.top, settings.confirm.seeds)}: every run "
-                "has ended" if confirm_only else f"its {settings.num_samples} trials have all ended")
+        if confirm_only:
+            done = f"confirming {confirming(settings.confirm.top, settings.confirm.seeds)}: every run has ended"
+        else:
+            done = f"its {settings.num_samples} trials have all ended"
         print(f"search {search.name}: {done}, in {search.folder}: nothing to "
               f"{'run' if confirm_only else 'resume'}", flush=True)
         return finish_search(search, "finished")
@@ -134,8 +137,6 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
 def _own_cause(e: Exception) -> Exception:
     """Tune wraps what our callbacks raise in a TuneError whose message is the whole
     traceback; a lost tracking store (a TrackingError, one line by design) is shown as itself."""
-    from ltsearch.search.tracker import TrackingError
-
     return e.__context__ if isinstance(e.__context__, TrackingError) else e
 
 
@@ -641,8 +642,6 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     if stop.outcome.ending == "interrupted":
         print(f"interrupted — continue with `{again}`", file=sys.stderr)
         return 130
-    from ltsearch.search.tracker import TrackingError
-
     cause = stop.cause
     then = (f"its folder and Optuna study are closed, its tracking records not: once the store "
             f"answers, `{again}` brings them up to date" if isinstance(cause, TrackingError)

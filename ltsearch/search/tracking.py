@@ -83,6 +83,11 @@ class RetryNotice(logging.Filter):
         self.uri = ""
         self.said = False
 
+    def watch(self, uri: str) -> None:
+        """Speak for the store at ``uri`` from now on (the filter is added once)."""
+        self.uri, self.said = uri, False
+        logging.getLogger(self.LOGGER).addFilter(self)
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.getMessage().startswith("Retrying"):
             return True
@@ -204,8 +209,7 @@ class MLflowTracker(Tracker):
         prepare_environment()
         uri = uri or default_tracking_uri()
         check_reachable(uri)
-        RETRIES.uri, RETRIES.said = uri, False
-        logging.getLogger(RetryNotice.LOGGER).addFilter(RETRIES)  # once: the same filter
+        RETRIES.watch(uri)
         return cls(uri, experiment, classes, counts)
 
     @property
