@@ -123,8 +123,11 @@ def test_resume_after_sigkill(tmp_path):
     for noise in ("Traceback", "Failed to fetch metrics", "Error handling checkpoint"):
         assert noise not in shown, shown[-4000:]
     after = _trials(folder)
-    assert sum(r["status"] == "COMPLETED" for r in after.values()) == 4
-    # a trial started after Ray's last snapshot cannot be resumed: it is closed as LOST
+    completed = sum(r["status"] == "COMPLETED" for r in after.values())
+    # Tune runs the 4 trials its last snapshot (every 2 s) knows of. A trial started after it
+    # cannot be resumed: closed as LOST if it was running, kept as it ended if it had finished
+    # (a 1-second trial can start and end between two snapshots): 4 or more, never fewer.
+    assert 4 <= completed <= 4 + len(before)  # an extra one is among those that ended before
     assert all(r["status"] in ("COMPLETED", "LOST") for r in after.values())
     numbers = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # not timings
     for k, r in before.items():  # finished trials keep their results (Tune may re-run one it
@@ -132,7 +135,7 @@ def test_resume_after_sigkill(tmp_path):
     assert "best trial per method" in resumed.stdout
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    assert states.count(optuna.trial.TrialState.COMPLETE) == completed  # the records agree
     assert optuna.trial.TrialState.RUNNING not in states
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ltsearch").experiment_id
@@ -140,7 +143,7 @@ def test_resume_after_sigkill(tmp_path):
     assert sum(r.data.tags.get("ltsearch.kind") == "search" for r in runs) == 1  # parent reused
     assert not [r for r in runs if r.info.status == "RUNNING"]
     finished = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial" and r.info.status == "FINISHED"]
-    assert len({r.data.tags["ltsearch.trial_id"] for r in finished}) == 4
+    assert len({r.data.tags["ltsearch.trial_id"] for r in finished}) == completed
 
 
 @pytest.mark.cluster
