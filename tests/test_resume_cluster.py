@@ -409,3 +409,33 @@ def test_a_tracking_server_back_within_mlflows_retries_costs_nothing(tmp_path, m
         assert [m.value for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0.5, 0.6]
     finally:
         _stop(server)
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
+def test_a_store_lost_as_a_trial_ends_fails_the_call_once(tmp_path, monkeypatch, caplog):
+    """The trial's files go up first: with the server gone, that upload failed with a warning
+    of its own (MLflow's whole error, one very long line), then closing the run failed again.
+    Now the call fails once, as any call to a lost store, and the catch-up of `--resume` ends
+    the trial again, files included."""
+    from mlflow.exceptions import MlflowException
+
+    from ltsearch.search.tracking import MLflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    server = _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+                     "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                    tmp_path / "mlflow.log")
+    try:
+        _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
+        tracker = MLflowTracker.checked(f"http://127.0.0.1:{port}", "ltsearch", ["a", "b"], [3, 1])
+        tracker.start_search(tmp_path, "s", {})
+        tracker.start_trial("t1", "ce", {"lr": 0.1})
+    finally:
+        _stop(server, signal.SIGKILL)
+    result = {"val/top1": 0.5, "test/per_class": [0.5, 0.5], "val/per_class": [0.5, 0.5]}
+    with pytest.raises(MlflowException):
+        tracker.end_trial("t1", "COMPLETED", {"lr": 0.1}, result)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

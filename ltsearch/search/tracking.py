@@ -276,6 +276,8 @@ class MLflowTracker(Tracker):
                 write_trial_artifacts(Path(folder), config, result, self.classes, self.counts)
                 client.log_artifacts(run_id, folder)
         except Exception as e:  # artifacts must not leave the run open
+            if self.unreachable():  # the store went away: this call fails as a whole, and
+                raise               # --resume's catch-up ends the trial again, files included
             log.warning("artifacts of trial %s not written: %s", trial_id, _one_line(e))
         if error:
             client.set_tag(run_id, "error", error[:5000])
