@@ -182,13 +182,16 @@ EPOCH_AT_DOC = ("an epoch (integer, 0-based), a fraction of the run (0.0–1.0),
 
 def resolve_epoch(value: EpochAt, total: int) -> Optional[int]:
     """The 0-based epoch an epoch-valued knob names in a run of ``total`` epochs (None: never).
-    Fractions make a preset valid at any length (DRW at 0.8 is epoch 160 of 200)."""
+    Fractions make a preset valid at any length (DRW at 0.8 is epoch 160 of 200); a fraction
+    below 1 names an epoch inside the run however short it is (0.8 of 2 epochs is epoch 1, not
+    2, past the end), so a compressed run still has its deferred part."""
     if value == "always":
         return 0
     if value == "never":
         return None
     if isinstance(value, float):
-        return round(value * total)
+        epoch = round(value * total)
+        return min(epoch, total - 1) if value < 1.0 else epoch
     return value
 
 

@@ -48,17 +48,33 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def with_epochs(cfg: Config, epochs: int) -> Config:
+def with_epochs(cfg: Config, epochs: int, *, whole_recipe: bool = False) -> Config:
     """The same run over ``epochs``: milestones and absolute epoch-valued method knobs scale with
-    it, warm-up is kept (capped), and the result goes through validation again."""
+    it, warm-up is kept (capped), and the result goes through validation again. ``whole_recipe``:
+    warm-up and the second stage's length scale too (a compressed copy of the whole recipe)."""
     ratio = epochs / cfg.train.epochs
     d = cfg.to_dict()
-    d["train"].update(epochs=epochs, warmup_epochs=min(cfg.train.warmup_epochs, epochs),
+    warmup = round(cfg.train.warmup_epochs * ratio) if whole_recipe else cfg.train.warmup_epochs
+    d["train"].update(epochs=epochs, warmup_epochs=min(warmup, epochs),
                       milestones=sorted({max(1, round(m * ratio)) for m in cfg.train.milestones}))
-    d["method"] = scale_recipe(cfg.method, ratio)
+    d["method"] = scale_recipe(cfg.method, ratio, stages=whole_recipe)
     overrides = d["method"].get("train", {})
     for key in ("epochs", "warmup_epochs", "milestones"):
         if key in overrides:
             overrides[key] = d["train"][key]
     return config_from_dict(d)
 
+
+def compressed(cfg: Config, fraction: float) -> Config:
+    """The whole recipe over ``fraction`` of its length: stage 1, its warm-up and milestones, the
+    second stage, each shortened alike (at least an epoch each); fraction-valued knobs (DRW at
+    0.8, BBN's α over the run, mixup until 0.9) keep their place in it. What a search's rungs
+    train (:mod:`ltsearch.search.rungs`); ``fraction`` 1 is the run itself."""
+    if fraction >= 1.0:
+        return cfg
+    return with_epochs(cfg, max(1, round(cfg.train.epochs * fraction)), whole_recipe=True)
+
+
+def run_epochs(cfg: Config) -> int:
+    """All the epochs a run trains: stage 1 and the second stage's."""
+    return cfg.train.epochs + cfg.method.extra_epochs(cfg.train)

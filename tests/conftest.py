@@ -71,7 +71,7 @@ def tiny_search(**space):
     return {
         "base": copy_base(),
         "search": {"num_samples": 6, "max_concurrent": 2, "resources": {"cpu": 1},
-                   "asha": {"grace_period": 1, "reduction_factor": 2}, "seed": 0,
+                   "asha": {"rungs": [0.33, 1.0], "reduction_factor": 2}, "seed": 0,
                    "report": False},  # seconds per search (importing scikit-learn's forests):
                                       # the tests of the report turn it on
         "space": space,

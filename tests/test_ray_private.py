@@ -3,7 +3,9 @@ exist: a Ray release that renames one fails here, not in the middle of a user's 
 import optuna
 from ray import tune
 
-from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
+from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
+                                         replace_restored_scheduler)
+from ltsearch.search.rungs import RUNG_VALUES
 
 
 def _define(trial):
@@ -17,10 +19,22 @@ def test_optuna_searcher_internals():
     assert isinstance(searcher._ot_study, optuna.Study)
     assert isinstance(searcher._ot_trials["t1"], optuna.Trial)
     assert isinstance(searcher._completed_trials, set)
-    searcher.on_trial_result("t1", {"val/top1": 0.5, "epoch": 1})
-    searcher.on_trial_complete("t1", {"val/top1": 0.6, "epoch": 2, "total_epochs": 3})
+    # a trial's rungs: the values of those it ended, reported at step = the rung
+    searcher.on_trial_result("t1", {"val/top1": 0.5, "epoch": 1, RUNG_VALUES: []})
+    searcher.on_trial_result("t1", {"val/top1": 0.55, "epoch": 2, RUNG_VALUES: [0.55]})
+    searcher.on_trial_complete("t1", {"val/top1": 0.6, "epoch": 4, "total_epochs": 6,
+                                      RUNG_VALUES: [0.55]})  # stopped in its second rung
     (trial,) = searcher._ot_study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {1: 0.5, 2: 0.6}
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {0: 0.55}
+
+
+def test_tuner_tune_config_scheduler(tmp_path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path)))
+    scheduler = FIFOScheduler()
+    replace_restored_scheduler(tuner, scheduler)
+    assert tuner._local_tuner._tune_config.scheduler is scheduler
 
 
 def test_tuner_run_config_callbacks(tmp_path):

@@ -240,7 +240,7 @@ def test_a_multi_objective_search_and_its_pareto_set(ray_local, tmp_path):
                        method={"ce": {}, "logit_adjust": {"loss.tau": {"uniform": [0.5, 1.5]}},
                                "balanced_softmax": {}})
     data["search"].update(num_samples=6, objectives=["val/balanced_acc", "val/few"], tracking="none",
-                          asha={"grace_period": 2, "reduction_factor": 2}, report=True)
+                          asha={"rungs": [0.5, 1.0], "reduction_factor": 2}, report=True)
     space = parse_search_file(data)
     assert space.settings.metric == "val/balanced_acc"  # ASHA and the leaderboard use the first
     outcome = run_search(space, name="mo", storage=tmp_path / "searches")

@@ -439,3 +439,43 @@ def test_a_store_lost_as_a_trial_ends_fails_the_call_once(tmp_path, monkeypatch,
     with pytest.raises(MlflowException):
         tracker.end_trial("t1", "COMPLETED", {"lr": 0.1}, result)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path):
+    """Tune restores a scheduler as it was created, empty: rebuilt from trials.json (and from the
+    rung values every report repeats), a resumed search stops and keeps the trials an
+    uninterrupted one does. No parameter is sampled, so both searches run the same six trials
+    in the same (seed-shuffled) order, one at a time. (Without the rebuilt rungs, the trials
+    after the resume met rungs holding the interrupted trial's value alone.)"""
+    methods = ("ce", "reweight", "resample", "logit_adjust", "balanced_softmax", "two_stage")
+    data = tiny_search(method={m: {} for m in methods})
+    data["base"]["train"]["epochs"] = 4
+    data["search"].update(num_samples=6, max_concurrent=1, checkpoint_every=1,
+                          asha={"rungs": [0.25, 1.0], "reduction_factor": 3})  # runs of 1 and 4 epochs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
+    done = subprocess.run(whole_cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    expected = {r["method"]: r for r in _trials(whole).values()}
+    assert {r["status"] for r in expected.values()} == {"COMPLETED", "PRUNED"}
+    order = sorted(expected.values(), key=lambda r: r["started_at"])
+    # the first trial that runs its full rung after two others ended: Ctrl-C in that run
+    later = [r for i, r in enumerate(order) if i >= 2 and len(r["rung_values"]) > 0
+             and r["epochs"] > r["budgets"][0]]
+    assert later, [(r["method"], r["status"], r["rung_values"]) for r in order]
+    method = later[0]["method"]
+
+    cmd, folder = _search_cmd(tmp_path, data, "cut", uri)
+    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: any(
+        r["method"] == method and r["status"] == "RUNNING" and 1 + 1 <= r["epochs"] < 1 + 4
+        for r in _trials(folder).values()), f"{method} in the middle of its full rung")
+    assert code == 130, log[-3000:]
+    assert any(r["status"] == "INTERRUPTED" and r["rung"] == 1 for r in _trials(folder).values())
+    _resume(cmd)
+    after = {r["method"]: r for r in _trials(folder).values()}
+    assert {m: r["status"] for m, r in after.items()} == {m: r["status"] for m, r in expected.items()}
+    for m, r in after.items():
+        assert r["rung_values"] == pytest.approx(expected[m]["rung_values"]), m
+    study = optuna.load_study(study_name="cut", storage=f"sqlite:///{folder / 'optuna.db'}")
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    assert pruned == sum(r["status"] == "PRUNED" for r in after.values())

@@ -82,8 +82,16 @@ def test_records_and_leaderboard(search):
     assert statuses <= {"COMPLETED", "PRUNED", "FAILED"} and "COMPLETED" in statuses
     for r in trials.values():
         assert r["config"]["method"]["name"] == r["method"]
+        if r["status"] == "FAILED":  # diverged in its first epoch: it reported nothing
+            assert r["epochs"] == 0 and r["budgets"] is None
+            continue
+        # rung 0 trains the whole recipe over a third of its 3 epochs (feature_aug's stage 2
+        # too, at least an epoch), rung 1 the full run
+        assert r["budgets"] == ([2, 4] if r["method"] == "feature_aug" else [1, 3])
+        assert r["total_epochs"] == sum(r["budgets"])
         if r["status"] == "COMPLETED":
-            assert r["epochs"] == r["total_epochs"] == (4 if r["method"] == "feature_aug" else 3)
+            assert r["epochs"] == r["total_epochs"] and len(r["rung_values"]) == 2
+            assert r["rung_values"][-1] == r["metrics"]["val/balanced_acc"]
             assert "test/top1" in r["metrics"]
     assert "method" in outcome.leaderboard and (outcome.folder / "leaderboard.txt").is_file()
     assert {r["method"] for r in trials.values()} == {"ce", "reweight", "feature_aug"}  # each tried
@@ -97,12 +105,18 @@ def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
     assert len(study.trials) == 8
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "ASHA stopped no trial"
-    for t in pruned:
-        assert t.intermediate_values and max(t.intermediate_values) < 4  # stopped before the end
+    records = outcome.records.trials
+    for t in pruned:  # stopped before its last rung: told with the values of the rungs it ended
+        mine = [r for r in records.values() if r["params"] == t.params and r["status"] == "PRUNED"]
+        assert mine and all(r["epochs"] < r["total_epochs"] for r in mine)
+        assert any(t.intermediate_values == dict(enumerate(r["rung_values"])) for r in mine)
+        assert all(0 < len(r["rung_values"]) < len(r["budgets"]) for r in mine)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(t.intermediate_values[max(t.intermediate_values)] == t.value
                             for t in complete)
-    records = outcome.records.trials
+    for t in complete:  # every rung's value, the last its full run's
+        mine = [r for r in records.values() if r["params"] == t.params and r["status"] == "COMPLETED"]
+        assert any(t.intermediate_values == dict(enumerate(r["rung_values"])) for r in mine)
     assert sum(r["status"] == "PRUNED" for r in records.values()) == len(pruned)
     assert sum(r["status"] == "FAILED" for r in records.values()) == states.count(
         optuna.trial.TrialState.FAIL)
@@ -151,6 +165,10 @@ def test_mlflow_parent_and_child_runs(search):
         if record["status"] != "FAILED":
             history = client.get_metric_history(run.info.run_id, "val/balanced_acc")
             assert sorted(m.step for m in history) == list(range(1, record["epochs"] + 1))
+            rungs = client.get_metric_history(run.info.run_id, "rung/value")  # at each rung's end
+            ends = [sum(record["budgets"][:k + 1]) for k in range(len(record["rung_values"]))]
+            assert [(m.step, m.value) for m in sorted(rungs, key=lambda m: m.step)] == list(
+                zip(ends, record["rung_values"]))
         if record["status"] == "COMPLETED":
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"config.yaml", "per_class_accuracy.csv", "per_class_accuracy.svg",
@@ -252,3 +270,23 @@ def test_a_reused_worker_gives_the_same_results_as_a_fresh_one(ray_local, tmp_pa
                 for r in rows] for rows in reports.values()]
     assert len(numbers[0]) == 3 and numbers[0][-1]["test/top1"] > 0.5
     assert numbers[0] == numbers[1] == numbers[2]
+
+
+def test_a_resumed_scheduler_holds_the_rungs_the_records_hold(search):
+    """Tune restores its scheduler as created, empty; the search's is rebuilt from trials.json,
+    so a trial after a resume is judged against every rung value recorded before it."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from ltsearch.search.run import make_scheduler
+    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
+
+    outcome, space, _ = search
+    records = outcome.records.trials
+    ended = {k: r["rung_values"] for k, r in records.items() if r.get("rung_values")}
+    assert len(ended) >= 3
+    restored = make_scheduler(space.settings, records)
+    assert restored.rungs.values[0] == {k: v[0] for k, v in ended.items()}
+    low = {RUNG_VALUES: [min(v[0] for v in ended.values()) - 0.01], BUDGETS: [1, 3]}
+    late = type("T", (), {"trial_id": "late"})()
+    assert restored.on_trial_result(None, late, low) == TrialScheduler.STOP
+    assert make_scheduler(space.settings).on_trial_result(None, late, low) == TrialScheduler.CONTINUE

@@ -68,11 +68,6 @@ def test_trial_config_nests_part_parameters():
     assert wb.train.weight_decay == 0.002  # a preset's own training keys win
 
 
-def test_max_epochs_counts_second_phases():
-    space = load_search_file(QUICKSTART)
-    assert space.max_epochs() == 4 + 2  # cRT / feature_aug / MiSLAS stage 2 add up to 2 epochs
-
-
 def _file(**space):
     return {"base": {"train": {"epochs": 4, "preset": "none", "warmup_epochs": 0}},
             "search": {"num_samples": 2}, "space": space}

@@ -199,12 +199,15 @@ def check_counts(cfg: RecipeConfig, counts: list[int], prefix: str = "method") -
             raise ConfigError(f"{prefix}.{kind}.{e.key}", e.message) from None
 
 
-def scale_recipe(cfg: RecipeConfig, ratio: float) -> dict:
-    """The recipe's config with every absolute epoch-valued knob scaled (``--epochs``)."""
+def scale_recipe(cfg: RecipeConfig, ratio: float, stages: bool = False) -> dict:
+    """The recipe's config with every absolute epoch-valued knob scaled (``--epochs``);
+    ``stages``: the second stage's length (its ``epochs``) too, at least one epoch."""
     out = cfg.to_dict()
     for kind, part in cfg.parts().items():
         for name, value in _epoch_fields(part):
             out[kind][name] = scale_epoch(value, ratio)
+    if stages and cfg.stage2 is not None and "epochs" in out["stage2"]:
+        out["stage2"]["epochs"] = max(1, round(cfg.stage2.params.epochs * ratio))
     return out
 
 

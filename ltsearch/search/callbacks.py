@@ -20,9 +20,10 @@ from ray.tune.experiment import Trial
 from ltsearch.recipes import reported_metrics
 from ltsearch.search.records import (CONFIRM_OF, ONGOING, SEED, TrialRecords, error_text,
                                      finished_status, scalars)
+from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUES
 from ltsearch.search.tracker import Tracker
 
-TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s")  # the recipe's parts declare theirs
+TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s", RUNG, BUDGET)  # the parts declare theirs
 
 
 def confirmation(trial_config: dict) -> dict:
@@ -90,6 +91,7 @@ class SearchCallback(Callback):
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
+                    **{k: old.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)},
                     started_at=time.time(), params=dict(trial.config), **confirmation(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -100,7 +102,8 @@ class SearchCallback(Callback):
                          tracked_metrics(result, self.part_metrics))
         self._timed(rec, trial.trial_id, began, epochs=result.get("epoch"),
                     total_epochs=result.get("total_epochs"), metrics=scalars(result),
-                    node_id=result.get("node_id"))
+                    node_id=result.get("node_id"),
+                    **{k: result.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)})
 
     def _end(self, trial, status: str, error=None) -> None:
         began = time.perf_counter()
@@ -150,6 +153,20 @@ def _searched(trial_config: dict) -> str:
         name = name.removeprefix("train.")
         words.append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
     return ", ".join(words)
+
+
+def rungs_said(result: dict, settings) -> str:
+    """Where a trial ended, in words: the rungs it ran, and the values they ended with."""
+    budgets, values = result.get(BUDGETS), result.get(RUNG_VALUES) or []
+    if not budgets or len(budgets) == 1:
+        return f"after {result.get('epoch', 0)} of {result.get('total_epochs', '?')} epochs"
+    ended = ", ".join(f"{b}-epoch run {v:.3f}" if isinstance(v, (int, float)) else f"{b}-epoch run"
+                      for b, v in zip(budgets, values))
+    if len(values) >= len(budgets):
+        return f"after {len(budgets)} rungs ({ended})"
+    why = (f"; not among the best 1/{settings.asha.reduction_factor:g} of rung {len(values)}"
+           if values else "")
+    return f"in rung {result.get(RUNG, 0) + 1} of {len(budgets)} ({ended or 'none ended'}{why})"
 
 
 def _clock(seconds: float) -> str:
@@ -239,9 +256,8 @@ class ProgressCallback(Callback):
         value = result.get(self.metric)
         shown = f"{self.metric} {value:.3f}" if isinstance(value, (int, float)) else "no result"
         word = "finished" if status == "COMPLETED" else "pruned  "
-        why = "" if status == "COMPLETED" else "  (ASHA: below its rung)"
-        self._say(f"{word} {trial.trial_id[-8:]}  after {result.get('epoch', 0)} of "
-                  f"{result.get('total_epochs', '?')} epochs  {shown}{why}", bar=True)
+        self._say(f"{word} {trial.trial_id[-8:]}  {rungs_said(result, self.space.settings)}  "
+                  f"{shown}", bar=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         epochs = (trial.last_result or {}).get("epoch", 0)

@@ -6,6 +6,8 @@ loudly when a Ray release changes one of them.
   Optuna or to tell a trial PRUNED.
 - ``Tuner._local_tuner._run_config.callbacks``: ``Tuner.restore`` takes no callbacks, and the
   pickled ones hold a closed MLflow client and a stale records path.
+- ``Tuner._local_tuner._tune_config.scheduler``: ``Tuner.restore`` takes no scheduler, and the
+  one it unpickles is as it was created, before any rung was recorded.
 - ``ray._private.utils.read_ray_address`` and ``ray._common.utils.get_default_ray_temp_dir``:
   which cluster ``ray.init(address="auto")`` joins is not public, and it must be checked before
   Ray is asked to join it.
@@ -19,25 +21,30 @@ def prune_aware_optuna():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from ltsearch.search.rungs import RUNG_VALUES
+
     class PruneAwareOptunaSearch(OptunaSearch):
-        """Optuna sees every epoch's value at step = epoch, and trials that ASHA stopped are
-        told as PRUNED with those intermediate values, not COMPLETE with an early value (Ray's
+        """Optuna sees the value each rung ended with at step = the rung (0-based), and trials
+        the scheduler stopped are told as PRUNED with those intermediate values (TPE ranks them
+        by the rung they reached, then its value), not COMPLETE with an early value (Ray's
         default). Tune hands the last result of a trial to ``on_trial_complete`` only, so it is
         reported there too."""
 
         def _report(self, trial_id, result):
             if isinstance(self.metric, list):  # Optuna takes no intermediate values of a
                 return                         # multi-objective trial
-            value, epoch = result.get(self.metric), result.get("epoch")
             steps = self.__dict__.setdefault("_reported_steps", {}).setdefault(trial_id, set())
-            if value is not None and epoch is not None and epoch not in steps:
+            for rung, value in enumerate(result.get(RUNG_VALUES) or []):
+                if value is None or rung in steps:
+                    continue
                 try:
-                    self._ot_trials[trial_id].report(value, epoch)
+                    self._ot_trials[trial_id].report(value, rung)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     # A resumed search re-runs a trial the study had already closed (the
                     # driver died between the two snapshots); the study keeps its record.
                     self._completed_trials.add(trial_id)
-                steps.add(epoch)
+                    return
+                steps.add(rung)
 
         def on_trial_result(self, trial_id, result):
             if trial_id not in self._completed_trials:
@@ -60,6 +67,10 @@ def prune_aware_optuna():
 
 def replace_restored_callbacks(tuner, callbacks: list) -> None:
     tuner._local_tuner._run_config.callbacks = callbacks
+
+
+def replace_restored_scheduler(tuner, scheduler) -> None:
+    tuner._local_tuner._tune_config.scheduler = scheduler
 
 
 def recorded_cluster() -> tuple[Optional[str], str]:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ltsearch.search.records import pareto_front
+from ltsearch.search.records import pareto_front, rungs_text
 from ltsearch.search.results import SearchResults
+from ltsearch.search.rungs import RUNG, RUNG_VALUES
 
 REPORT_PAGE = "report.html"
 FIGURES = "report"  # folder of the figures' PNG files, beside the page
@@ -70,13 +71,13 @@ def leaderboard_section(res: SearchResults) -> Section:
     for r in res.searched():
         counts[r["method"]] = counts.get(r["method"], 0) + 1
     f = lambda v: f"{v:.3f}" if _finite(v) else "–"  # noqa: E731
-    head = ["recipe", "trials", "best trial", "status", "epochs", res.metric, "test top1",
+    head = ["recipe", "trials", "best trial", "status", "rungs: epochs → value", res.metric, "test top1",
             "test many", "test medium", "test few"] + (["confirmed (mean ± std, seeds)"] if confirmations else [])
     lines = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
         m = r["metrics"]
         cells = [r["method"], counts.get(r["method"], 0), r["trial_id"], r["status"].lower(),
-                 r.get("epochs", 0), f(m.get(res.metric)), f(m.get("test/top1")), f(m.get("test/many")),
+                 rungs_text(r), f(m.get(res.metric)), f(m.get("test/top1")), f(m.get("test/many")),
                  f(m.get("test/medium")), f(m.get("test/few"))]
         if confirmations:
             c = confirmations.get(r["trial_id"])
@@ -136,43 +137,57 @@ def head_tail_section(res: SearchResults) -> Section:
 
 
 def curves_section(res: SearchResults) -> Section:
-    from matplotlib.ticker import MaxNLocator
-
+    """Each trial's curve over the run of the last rung it reached (its full run if it went
+    on), and, beside it, the value each rung's complete run ended with: what the scheduler
+    compared."""
     trials = [r for r in res.searched() if res.reports.get(r["trial_id"])]
     if not trials:
         return Section("Learning curves", "No trial reported an epoch.")
     colours = _colours([r["method"] for r in trials])
-    fig = _figure()
-    ax = fig.add_subplot()
+    fig = _figure(10.0, 4.5)
+    fig.subplots_adjust(left=0.07, right=0.80, wspace=0.3)
+    curves, rungs = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     labelled, stopped = set(), False
+    fractions = res.space.settings.asha.fractions()
     for r in trials:
-        pts = [(x["epoch"], x[res.metric]) for x in res.reports[r["trial_id"]] if _finite(x.get(res.metric))]
+        reports = res.reports[r["trial_id"]]
+        last = reports[-1].get(RUNG, 0)
+        pts = [(x.get("rung_epoch", x["epoch"]), x[res.metric]) for x in reports
+               if x.get(RUNG, 0) == last and _finite(x.get(res.metric))]
         if not pts:
             continue
         colour = colours[r["method"]]
-        ax.plot(*zip(*pts), color=colour, lw=1.2, alpha=0.85,
-                label=None if r["method"] in labelled else r["method"])
+        label = None if r["method"] in labelled else r["method"]
         labelled.add(r["method"])
+        curves.plot(*zip(*pts), color=colour, lw=1.2, alpha=0.85, label=label)
+        values = [(fractions[k], v) for k, v in enumerate(r.get(RUNG_VALUES) or []) if _finite(v)]
+        if values:
+            rungs.plot(*zip(*values), color=colour, lw=1.0, alpha=0.85, marker="o", ms=3)
         if r["status"] == "PRUNED":
-            ax.scatter([pts[-1][0]], [pts[-1][1]], marker="x", s=50, color=colour, zorder=3)
+            curves.scatter([pts[-1][0]], [pts[-1][1]], marker="x", s=50, color=colour, zorder=3)
+            if values:
+                rungs.scatter([values[-1][0]], [values[-1][1]], marker="x", s=50, color=colour, zorder=3)
             stopped = True
         elif r["status"] == "FAILED":
-            ax.scatter([pts[-1][0]], [pts[-1][1]], marker="X", s=60, color="black", zorder=3)
+            curves.scatter([pts[-1][0]], [pts[-1][1]], marker="X", s=60, color="black", zorder=3)
     if stopped:  # one legend entry, in no recipe's colour
-        ax.scatter([], [], marker="x", s=50, color="dimgray", label="stopped by ASHA")
+        curves.scatter([], [], marker="x", s=50, color="dimgray", label="stopped by its rung")
+    curves.set_xlabel("epoch of the run")
+    curves.set_ylabel(res.metric)
+    curves.set_title("the last rung's run of each trial", fontsize=10)
+    rungs.set_xscale("log", base=2)
+    rungs.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    rungs.set_xlabel("rung: fraction of the full run")
+    rungs.set_title("the value each complete run ended with", fontsize=10)
+    curves.legend(loc="upper left", bbox_to_anchor=(2.45, 1.0), fontsize=8, frameon=False)
     asha = res.space.settings.asha
-    if asha.enabled:
-        rung, top = asha.grace_period, res.space.max_epochs()
-        while rung < top:
-            ax.axvline(rung, color="grey", lw=0.6, ls=":")
-            rung = int(round(rung * asha.reduction_factor))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(res.metric)
-    ax.set_title(f"{res.metric} per epoch")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    caption = f"Every trial's {res.metric} at each evaluated epoch, coloured by recipe; × marks where ASHA stopped a trial"
-    caption += " (its rungs are the dotted lines)." if asha.enabled else "."
+    caption = (f"Left: every trial's {res.metric} at each evaluated epoch of the last rung it "
+               "reached, coloured by recipe. Right: the value each rung's run ended with; each "
+               "rung trains the whole recipe compressed to that fraction of its length, and only "
+               f"the best 1/{asha.reduction_factor:g} of a rung go on. × marks a trial its rung "
+               "stopped." if len(fractions) > 1 else
+               f"Every trial's {res.metric} at each evaluated epoch, coloured by recipe (no rungs: "
+               "every trial ran its full length).")
     return Section("Learning curves", caption, fig, "learning_curves.png")
 
 

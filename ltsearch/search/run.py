@@ -79,12 +79,36 @@ class Search:
         return f"sqlite:///{self.folder / 'optuna.db'}"
 
 
+def cover_order(methods: list[str], seed: int) -> list[str]:
+    """The order the first trials cover the methods in: shuffled by the search seed (in the
+    file's order the same methods would always start first, against the emptiest rungs)."""
+    import random
+
+    order = list(methods)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def _first_points(space) -> list[dict] | None:
     """One enqueued trial per method (its other parameters sampled), so none goes untried."""
     methods = list(space.methods)
     if not space.settings.cover_methods or len(methods) < 2 or space.settings.num_samples < len(methods):
         return None
-    return [{"method": m} for m in methods]
+    return [{"method": m} for m in cover_order(methods, space.settings.seed)]
+
+
+def make_scheduler(settings, records: Optional[dict] = None):
+    """Successive halving over complete runs when a trial has rungs before its full run
+    (:mod:`ltsearch.search.rungs`), else none; a resumed search's rebuilt from its records."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from ltsearch.search.scheduler import RungScheduler
+
+    if len(settings.asha.fractions()) < 2:
+        return FIFOScheduler()
+    scheduler = RungScheduler(settings.asha.reduction_factor, settings.mode)
+    scheduler.restore_records(records or {})
+    return scheduler
 
 
 def search_name(path: str | Path) -> str:
@@ -457,11 +481,11 @@ def trainable_for(search: Search):
 def _tune(search: Search, verbose: int) -> str:
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from ltsearch.search.callbacks import ProgressCallback, ReportPreload, SearchCallback
-    from ltsearch.search.ray_private import prune_aware_optuna, replace_restored_callbacks
+    from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
+                                             replace_restored_scheduler)
     from ltsearch.search.records import TrialRecords
 
     space, settings = search.space, search.space.settings
@@ -476,6 +500,8 @@ def _tune(search: Search, verbose: int) -> str:
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         replace_restored_callbacks(tuner, callbacks)
+        # Tune restores its scheduler as it was created: the rungs come back from the records
+        replace_restored_scheduler(tuner, make_scheduler(settings, TrialRecords(search.folder).trials))
     else:
         storage_db = optuna.storages.RDBStorage(search.study_uri)
         many = settings.objectives is not None  # a multi-objective study: TPE over all,
@@ -484,13 +510,7 @@ def _tune(search: Search, verbose: int) -> str:
             mode=[settings.mode] * len(settings.objectives) if many else settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
             storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))
-        max_t = space.max_epochs()
-        if settings.asha.enabled:
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t,
-                                      grace_period=min(settings.asha.grace_period, max_t),
-                                      reduction_factor=settings.asha.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = make_scheduler(settings)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -108,9 +108,30 @@ class Resources:
 
 @dataclass
 class AshaSettings:
-    enabled: bool = True
-    grace_period: int = spec(1, ge=1, doc="epochs before ASHA may stop a trial")
-    reduction_factor: float = spec(2.0, gt=1.0)
+    """Successive halving over complete runs (:mod:`ltsearch.search.rungs`): rung k trains the
+    trial's whole recipe compressed to ``rungs[k]`` of its length; after each rung a trial goes
+    on only among the best 1/``reduction_factor`` of those that ended it."""
+    enabled: bool = spec(True, doc="false: every trial trains its full run once, none is stopped")
+    rungs: list[float] = spec(factory=lambda: [0.25, 1.0],
+                              doc="fractions of each trial's length, rising to 1.0: each rung "
+                                  "trains the whole recipe compressed to it")
+    reduction_factor: float = spec(3.0, gt=1.0, doc="a rung keeps its best 1/η")
+    grace_period: Optional[int] = spec(None, doc="removed: rungs are fractions of a complete "
+                                                 "run (asha.rungs)")
+
+    def check(self):
+        if self.grace_period is not None:
+            raise ConfigError("grace_period", "ASHA no longer stops a run after some of its epochs "
+                              "(an early epoch of a long-tail recipe says little about its end): "
+                              "each rung trains the whole recipe compressed; give asha.rungs, "
+                              "fractions of a trial's length such as [0.25, 1.0]")
+        r = self.rungs
+        if not r or r[-1] != 1.0 or r[0] <= 0.0 or any(a >= b for a, b in zip(r, r[1:])):
+            raise ConfigError("rungs", f"must rise from above 0 to 1.0 (the full run), got {r!r}")
+
+    def fractions(self) -> list[float]:
+        """The rungs a search trial runs (one full run without ASHA)."""
+        return list(self.rungs) if self.enabled else [1.0]
 
 
 @dataclass
@@ -237,25 +258,6 @@ class SearchSpace:
             _check_combinations(self.base, self.train, preset, dists,
                                 lambda cfg: check_counts(config_from_dict(cfg).method, counts))
 
-    def max_epochs(self) -> int:
-        """ASHA's max_t: the longest trial the space allows (second stages included), from the
-        configs at the ends of every epoch-valued range."""
-        epochs = self.train.get("train.epochs")
-        tops = epochs.extremes() if epochs else [None]
-        longest = 0
-        for method, dists in self.methods.items():
-            varied = {k: d for k, d in dists.items()
-                      if k.startswith("stage2.") or k == "train.epochs"}
-            for top in tops:
-                for values in _assignments(dists, varied):
-                    cfg = copy.deepcopy(self.base)
-                    cfg["method"] = method_dict(method, values)
-                    if top is not None:
-                        cfg.setdefault("train", {})["epochs"] = top
-                    run = config_from_dict(cfg)
-                    longest = max(longest, run.train.epochs + run.method.extra_epochs(run.train))
-        return int(longest)
-
 
 def _active(dist: Dist, values: dict) -> bool:
     return all(values.get(k) in v for k, v in dist.when.items())
@@ -270,22 +272,6 @@ def method_dict(preset: str, values: dict) -> dict:
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return out
-
-
-def _assignments(dists: dict[str, Dist], varied: dict[str, Dist], limit: int = 256) -> list[dict]:
-    """Parameter sets with every ``varied`` parameter at each end of its range (or each choice),
-    the others at their first value, each only where its ``when`` holds."""
-    out = [{}]
-    for name, dist in dists.items():
-        grown = []
-        for values in out:
-            if not _active(dist, values):
-                grown.append(values)
-                continue
-            options = dist.extremes() if name in varied else dist.extremes()[:1]
-            grown += [{**values, name: v} for v in options]
-        out = grown[:limit]
     return out
 
 

@@ -11,6 +11,7 @@ Each report carries where the trial's time went (``time/setup_s``, ``time/eval_s
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -18,12 +19,16 @@ from pathlib import Path
 from typing import Optional
 
 import ray
+import torch
 from ray import tune
 
-from ltsearch.runconfig import config_from_dict
+from ltsearch.runconfig import compressed, config_from_dict, run_epochs
+from ltsearch.search.records import CONFIRM_OF
+from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUE, RUNG_VALUES
 from ltsearch.trainer import Trainer
 
 CHECKPOINT_FILE = "trainer.pt"
+RUNG_FILE = "rung.json"  # beside it: the rung the trainer's state belongs to, and earlier rungs' values
 
 
 def trial_device() -> str:
@@ -49,8 +54,22 @@ class CheckpointPolicy:
         self.last = time.monotonic()
 
 
+def rung_runs(cfg, fractions: list[float]) -> list:
+    """The runs of a trial's rungs: its whole recipe compressed to each fraction, the last the
+    full run (a confirmation, or a search without ASHA, has only that)."""
+    runs = [compressed(cfg, f) for f in fractions]
+    for run in runs:
+        run.train.device = cfg.train.device
+    return runs
+
+
 def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] = None) -> None:
-    """Tune function trainable; ``data`` (LongTailData) arrives once through the object store."""
+    """Tune function trainable; ``data`` (LongTailData) arrives once through the object store.
+
+    Trains the trial's rungs in turn, each a complete run from scratch, and reports every
+    evaluated epoch with ``epoch`` counting all the trial's epochs so far (Tune's, Optuna's and
+    MLflow's step), and the rung, its budget and the values its earlier rungs ended with (what
+    the scheduler decides on)."""
     entered, began = time.time(), time.perf_counter()
     cfg = config_from_dict(space.trial_config(config))
     cfg.train.device = trial_device()
@@ -59,30 +78,50 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
         # every later trial, worker and resume.
         os.makedirs(compile_cache, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
-    trainer = Trainer(cfg, data)
+    settings = space.settings
+    runs = rung_runs(cfg, [1.0] if CONFIRM_OF in config else settings.asha.fractions())
+    budgets = [run_epochs(run) for run in runs]
+    rung, values, state = 0, [], None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder) / CHECKPOINT_FILE)
-    settings = space.settings
+            saved = json.loads((Path(folder) / RUNG_FILE).read_text())
+            rung, values = saved[RUNG], saved[RUNG_VALUES]
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if state["epoch"] >= budgets[rung]:  # saved at the end of its rung: on to the next
+            rung, state = rung + 1, None
     policy = CheckpointPolicy(settings.checkpoint_every, settings.checkpoint_interval_s)
     node = ray.get_runtime_context().get_node_id()
     spent = {"time/setup_s": time.perf_counter() - began, "time/eval_s": 0.0, "time/report_s": 0.0}
+    metric = settings.metric
+    for k in range(rung, len(runs)):
+        trainer = Trainer(runs[k], data)
+        if state is not None:
+            trainer.load_state_dict(state)
+            state = None
+        before = sum(budgets[:k])
 
-    def report(metrics: dict, tr: Trainer) -> None:
-        start = time.perf_counter()
-        spent["time/eval_s"] += metrics.pop("eval_time_s", 0.0)
-        metrics = {**metrics, **spent, "entered_at": entered, "node_id": node,
-                   "device": str(tr.device), "method_name": cfg.method.label()}
-        if policy.due(tr.epoch, tr.total_epochs):
-            with tempfile.TemporaryDirectory() as folder:
-                tr.save(Path(folder) / CHECKPOINT_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-            policy.saved()
-        else:
-            tune.report(metrics)
-        spent["time/report_s"] += time.perf_counter() - start
+        def report(metrics: dict, tr: Trainer, k=k, before=before) -> None:
+            start = time.perf_counter()
+            spent["time/eval_s"] += metrics.pop("eval_time_s", 0.0)
+            if tr.epoch == tr.total_epochs:
+                values.append(metrics.get(metric))
+            epoch = before + tr.epoch
+            metrics = {**metrics, **spent, "entered_at": entered, "node_id": node,
+                       "device": str(tr.device), "method_name": cfg.method.label(),
+                       "epoch": epoch, "total_epochs": sum(budgets), "rung_epoch": tr.epoch,
+                       RUNG: k, BUDGET: budgets[k], BUDGETS: budgets, RUNG_VALUES: list(values),
+                       **({RUNG_VALUE: values[-1]} if tr.epoch == tr.total_epochs else {})}
+            if policy.due(epoch, sum(budgets)):
+                with tempfile.TemporaryDirectory() as folder:
+                    tr.save(Path(folder) / CHECKPOINT_FILE)
+                    (Path(folder) / RUNG_FILE).write_text(json.dumps({RUNG: k, RUNG_VALUES: values}))
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+                policy.saved()
+            else:
+                tune.report(metrics)
+            spent["time/report_s"] += time.perf_counter() - start
 
-    result = trainer.fit(report)
-    if result.status == "diverged":
-        raise RuntimeError(result.error)
+        result = trainer.fit(report)
+        if result.status == "diverged":
+            raise RuntimeError(result.error)

@@ -1,0 +1,273 @@
+"""Do a search's early decisions agree with full training? Old ASHA against the rungs of complete
+runs, replayed on what full training says.
+
+    python scripts/bench_fidelity.py BASE.yaml --seeds K [--recipe 'NAME={method mapping}' …]
+           [--slots 2] [--save runs.json | --load runs.json]
+
+BASE.yaml is an ``ltsearch train`` config (or a search file: its ``base``). Every preset (and
+each ``--recipe``) is trained to the end with seeds 0…K-1, without Ray, recording its validation
+value at every epoch; and trained again as each rung of the new scheduler trains it (the whole
+recipe compressed to each fraction of ``--rungs``). Then, for each seed, both schedulers are
+replayed on those runs as a search would meet them: ``--slots`` trials at a time in the order the
+search starts them (old: the file's order; new: shuffled by the search seed), each epoch taking
+the time it took. Old ASHA is Ray Tune's ``ASHAScheduler`` (truncated runs: ``--asha-grace``
+epochs, ``--asha-rf``); the new one is the search's ``RungScheduler``. Printed side by side:
+Spearman ρ between each decision value and the final value, how often the full-training top-1
+and top-3 reach their end, whether the recipe that ends best was cut before its deferred phase,
+and the epochs trained as a share of training every recipe to its end.
+
+A benchmark, not a test: numbers mean something only on the data and machine that printed them.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return float(rho) if math.isfinite(rho) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Training (no Ray)
+
+def train(cfg, data, metric: str) -> dict:
+    """One run to its end: the metric at every epoch, each epoch's seconds, where its deferred
+    phase begins (the first epoch a second stage or DRW/DRS trains in)."""
+    from ltsearch.trainer import Trainer
+
+    trainer = Trainer(cfg, data)
+    curve, seconds = [], []
+    trainer.fit(lambda m, tr: (curve.append(m[metric]), seconds.append(m["epoch_time_s"])))
+    return {"curve": curve, "seconds": seconds, "deferred": deferred_epoch(cfg)}
+
+
+def deferred_epoch(cfg) -> int | None:
+    """The first 0-based epoch of the recipe's deferred part: a second stage, deferred
+    re-weighting or re-sampling; None if it defers nothing."""
+    from ltsearch.config import resolve_epoch
+
+    m, total = cfg.method, cfg.train.epochs
+    starts = []
+    if m.stage2 is not None:
+        starts.append(total)
+    if m.weights is not None and m.weights.start not in ("always", "never"):
+        starts.append(resolve_epoch(m.weights.start, total))
+    if m.sampler.then is not None and m.sampler.start not in ("always", "never"):
+        starts.append(resolve_epoch(m.sampler.start, total))
+    starts = [s for s in starts if s]
+    return min(starts) if starts else None
+
+
+def measure(base: dict, recipes: dict[str, dict], seeds: int, fractions: list[float],
+            metric: str, reuse: dict | None = None) -> dict:
+    from ltsearch.data import build_data
+    from ltsearch.runconfig import compressed, config_from_dict
+
+    data = build_data(config_from_dict(base).data)
+    print(f"data: {data.summary()}", file=sys.stderr)
+    runs: dict = {}
+    for name, method in recipes.items():
+        for seed in range(seeds):
+            cfg = config_from_dict({**base, "seed": seed, "method": method})
+            began = time.perf_counter()
+            entry = {"full": reuse[name][seed]["full"] if reuse else train(cfg, data, metric)}
+            entry["rungs"] = [train(compressed(cfg, f), data, metric) for f in fractions[:-1]]
+            entry["rungs"].append(entry["full"])
+            runs.setdefault(name, []).append(entry)
+            full = entry["full"]["curve"]
+            print(f"  {name:<18} seed {seed}: {len(full)} epochs, end {full[-1]:.3f}; rungs "
+                  f"{' '.join(format(r['curve'][-1], '.3f') for r in entry['rungs'])} "
+                  f"({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Replays
+
+def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide, slots: int) -> dict:
+    """A search's timeline: ``slots`` trials at a time, started in ``order``; each trial is a list
+    of (seconds, report); ``decide(name, report)`` is False to stop it. Returns the epochs each
+    trial trained and whether it reached its end."""
+    waiting = list(order)
+    running: list = []  # (time its next epoch ends, name, index of that epoch)
+    clock, trained, ended = 0.0, {n: 0 for n in order}, {}
+
+    def start(now):
+        while waiting and len(running) < slots:
+            name = waiting.pop(0)
+            heapq.heappush(running, (now + steps[name][0][0], name, 0))
+
+    start(0.0)
+    while running:
+        clock, name, i = heapq.heappop(running)
+        trained[name] += 1
+        keep = decide(name, steps[name][i][1])  # Tune's ASHA says STOP at max_t: the end
+        if i + 1 == len(steps[name]):
+            ended[name] = True
+        elif not keep:
+            ended[name] = False
+        else:
+            heapq.heappush(running, (clock + steps[name][i + 1][0], name, i + 1))
+        start(clock)
+    return {"trained": trained, "ended": ended}
+
+
+def replay_asha(runs: dict, seed: int, order: list[str], slots: int, grace: int, rf: float) -> dict:
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = max(len(runs[n][seed]["full"]["curve"]) for n in order)
+    asha = ASHAScheduler(time_attr="epoch", metric="value", mode="max", max_t=max_t,
+                         grace_period=grace, reduction_factor=rf)
+    trials = {n: SimpleNamespace(trial_id=n) for n in order}
+    for t in trials.values():
+        asha.on_trial_add(None, t)
+    steps = {n: [(s, {"epoch": e + 1, "value": v}) for e, (s, v) in
+                 enumerate(zip(runs[n][seed]["full"]["seconds"], runs[n][seed]["full"]["curve"]))]
+             for n in order}
+    return replay(order, steps, lambda n, r: asha.on_trial_result(None, trials[n], r) != "STOP", slots)
+
+
+def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float) -> dict:
+    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
+    from ltsearch.search.scheduler import RungScheduler
+
+    scheduler = RungScheduler(rf, "max")
+    steps = {}
+    for n in order:
+        rungs = runs[n][seed]["rungs"]
+        budgets = [len(r["curve"]) for r in rungs]
+        steps[n], values = [], []
+        for r in rungs:
+            for e, s in enumerate(r["seconds"]):
+                if e + 1 == len(r["curve"]):
+                    values = values + [r["curve"][-1]]
+                steps[n].append((s, {RUNG_VALUES: values, BUDGETS: budgets}))
+    trials = {n: SimpleNamespace(trial_id=n) for n in order}
+    return replay(order, steps, lambda n, r: scheduler.on_trial_result(None, trials[n], r) != "STOP",
+                  slots)
+
+
+# --------------------------------------------------------------------------------------------
+# What they decided, against full training
+
+def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]) -> dict:
+    names = list(runs)
+    rho, top1, top3, share, cut = [], [], [], [], []
+    for seed, (outcome, first) in enumerate(zip(outcomes, first_values)):
+        final = {n: runs[n][seed]["full"]["curve"][-1] for n in names}
+        rho.append(spearman([first[n] for n in names], [final[n] for n in names]))
+        ranked = sorted(names, key=lambda n: -final[n])
+        top1.append(outcome["ended"][ranked[0]])
+        top3.append(sum(outcome["ended"][n] for n in ranked[:3]) / 3)
+        share.append(sum(outcome["trained"].values())
+                     / sum(len(runs[n][seed]["full"]["curve"]) for n in names))
+        best = ranked[0]
+        deferred = runs[best][seed]["full"]["deferred"]
+        if not outcome["ended"][best]:
+            cut.append(f"seed {seed}: {best} after {outcome['trained'][best]} epochs"
+                       + (f" (its deferred part starts at epoch {deferred + 1})" if deferred else ""))
+    return {"rho": statistics.mean(rho), "top1": statistics.mean(top1), "top3": statistics.mean(top3),
+            "share": statistics.mean(share), "cut": cut}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base", help="an ltsearch train config, or a search file (its base)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per recipe (each also a "
+                                                         "search seed of the replays)")
+    p.add_argument("--recipe", action="append", default=[],
+                   help="NAME=MAPPING: a composed recipe besides the presets, e.g. "
+                        "'ldam+crt={name: custom, loss: ldam, stage2: {name: crt}}'")
+    p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
+    p.add_argument("--rungs", default="0.25,1.0", help="the new scheduler's rungs (fractions)")
+    p.add_argument("--rf", type=float, default=3.0, help="the new scheduler's reduction factor")
+    p.add_argument("--asha-grace", type=int, default=2, help="old ASHA's grace period (epochs)")
+    p.add_argument("--asha-rf", type=float, default=2.0, help="old ASHA's reduction factor")
+    p.add_argument("--slots", type=int, default=2, help="trials at a time in the replays")
+    p.add_argument("--metric", default="val/balanced_acc", help="the search's metric")
+    p.add_argument("--save", help="write the measured runs to this JSON file")
+    p.add_argument("--load", help="replay runs measured before (no training)")
+    p.add_argument("--reuse", help="take the full runs from this earlier --save (train only "
+                                   "the rungs' shorter runs)")
+    args = p.parse_args(argv)
+
+    from ltsearch.recipes import PRESETS
+    from ltsearch.search.run import cover_order
+
+    data = yaml.safe_load(Path(args.base).read_text()) or {}
+    base = data.get("base", data) if isinstance(data.get("search"), dict) or "space" in data else data
+    base.pop("method", None)
+    fractions = [float(f) for f in args.rungs.split(",")]
+    names = args.presets.split(",") if args.presets else [n for n in PRESETS if n != "custom"]
+    recipes = {n: {"name": n} for n in names}
+    for item in args.recipe:
+        name, _, mapping = item.partition("=")
+        recipes[name] = yaml.safe_load(mapping)
+    if args.load:
+        runs = json.loads(Path(args.load).read_text())
+    else:
+        reuse = json.loads(Path(args.reuse).read_text()) if args.reuse else None
+        runs = measure(base, recipes, args.seeds, fractions, args.metric, reuse)
+    if args.save:
+        Path(args.save).write_text(json.dumps(runs))
+    names = list(runs)
+    seeds = min(len(v) for v in runs.values())
+
+    old = [replay_asha(runs, s, names, args.slots, args.asha_grace, args.asha_rf) for s in range(seeds)]
+    new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf) for s in range(seeds)]
+    old_first = [{n: runs[n][s]["full"]["curve"][args.asha_grace - 1] for n in names} for s in range(seeds)]
+    new_first = [{n: runs[n][s]["rungs"][0]["curve"][-1] for n in names} for s in range(seeds)]
+    a, b = judge(runs, seeds, old, old_first), judge(runs, seeds, new, new_first)
+
+    budgets = [len(r["curve"]) for r in runs[names[0]][0]["rungs"]]
+    print(f"\n{len(names)} recipes × {seeds} seeds, {args.slots} at a time; old: ASHA on epochs "
+          f"(grace {args.asha_grace}, η {args.asha_rf:g}, file order); new: rungs "
+          f"{args.rungs} of complete runs (η {args.rf:g}; {names[0]}: {budgets} epochs), "
+          f"cover order shuffled by seed")
+    print(f"\n{'recipe':<18} {'end (mean)':>10} {f'@epoch {args.asha_grace}':>9} {'1st rung':>8} "
+          f"{'old: reached end':>17} {'new: reached end':>17}")
+    for n in sorted(names, key=lambda n: -statistics.mean(r["full"]["curve"][-1] for r in runs[n][:seeds])):
+        mean = lambda f: statistics.mean(f(r) for r in runs[n][:seeds])  # noqa: E731
+        print(f"{n:<18} {mean(lambda r: r['full']['curve'][-1]):>10.3f} "
+              f"{mean(lambda r: r['full']['curve'][args.asha_grace - 1]):>9.3f} "
+              f"{mean(lambda r: r['rungs'][0]['curve'][-1]):>8.3f} "
+              f"{sum(o['ended'][n] for o in old):>12} of {seeds} {sum(o['ended'][n] for o in new):>12} of {seeds}")
+    print(f"\n{'':<44}{'old ASHA':>10} {'new rungs':>10}")
+    rows = [("Spearman ρ, first decision value vs final", "rho", "{:.2f}"),
+            ("full-training top-1 reaches its end", "top1", "{:.0%}"),
+            ("full-training top-3 reach their end", "top3", "{:.0%}"),
+            ("compute, share of training all to the end", "share", "{:.0%}")]
+    for label, key, fmt in rows:
+        print(f"{label:<44}{fmt.format(a[key]):>10} {fmt.format(b[key]):>10}")
+    rhos = [spearman([runs[n][s]["full"]["curve"][e - 1] for n in names],
+                     [runs[n][s]["full"]["curve"][-1] for n in names])
+            for e in (2, 4, 8) if e < len(runs[names[0]][0]["full"]["curve"]) for s in range(seeds)]
+    if rhos:
+        print(f"(old: ρ of truncated runs at epochs 2 / 4 / 8: " + " / ".join(
+            f"{statistics.mean(rhos[i * seeds:(i + 1) * seeds]):.2f}" for i in range(len(rhos) // seeds)) + ")")
+    if seeds > 1:  # the ceiling: how well one seed's full training ranks the recipes for another
+        pairs = [(s, t) for s in range(seeds) for t in range(s + 1, seeds)]
+        ceiling = statistics.mean(spearman([runs[n][s]["full"]["curve"][-1] for n in names],
+                                           [runs[n][t]["full"]["curve"][-1] for n in names])
+                                  for s, t in pairs)
+        print(f"(full training against itself: ρ between two seeds' final values {ceiling:.2f})")
+    for label, verdict in (("old", a), ("new", b)):
+        print(f"the best recipe at the end cut early ({label}): " + ("; ".join(verdict["cut"]) or "never"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
