@@ -144,3 +144,18 @@ def test_rung_settings_are_checked():
     with pytest.raises(ConfigError, match=r"^search\.asha\.grace_period: ASHA no longer stops a run "
                                           r"after some of its epochs.*give asha\.rungs"):
         settings({"grace_period": 2})
+
+
+def test_a_knob_valid_in_the_full_run_but_not_in_a_rung_is_refused_before_ray():
+    """DRW from (absolute) epoch 15 of 16 is epoch 4 of the 4-epoch rung: the trial would fail
+    in its first rung; the search file is refused, naming the parameter and the rung."""
+    from ltsearch.search.space import parse_search_file
+
+    data = {"base": {"train": {"epochs": 16, "preset": "none", "warmup_epochs": 0}},
+            "search": {"asha": {"rungs": [0.25, 1.0]}},
+            "space": {"method": {"two_stage": {"weights.start": {"choice": [0.8, 15]}}}}}
+    with pytest.raises(ConfigError, match=r"^space\.method\.two_stage\.weights\.start: value 15: "
+                                          r".*in the rung at 0\.25 of the run"):
+        parse_search_file(data)
+    data["space"]["method"]["two_stage"]["weights.start"] = {"choice": [0.8, 0.95]}
+    parse_search_file(data)  # fractions stay inside every rung

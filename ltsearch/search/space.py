@@ -41,7 +41,7 @@ from ltsearch.config import ConfigError, from_dict, read_yaml, spec
 from ltsearch.metrics import SCALARS
 from ltsearch.recipes import PRESETS
 from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES, check_counts
-from ltsearch.runconfig import config_from_dict
+from ltsearch.runconfig import compressed, config_from_dict
 from ltsearch.search.records import SEED
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice")
@@ -351,6 +351,22 @@ def _check_combinations(base: dict, knobs: dict[str, Dist], preset: str, dists: 
             raise ConfigError(key, f"value {value!r}{given}: {e.message}") from None
 
 
+def rungs_check(fractions: list[float]) -> Callable[[dict], Any]:
+    """A trial config, and its runs at every rung, through the one validator: an absolute
+    epoch-valued knob can be valid in the full run and not in a compressed one (DRW from epoch 15
+    of 16 is epoch 4 of a 4-epoch rung, past its end)."""
+    def check(cfg: dict) -> None:
+        run = config_from_dict(cfg)
+        for f in fractions[:-1]:
+            try:
+                compressed(run, f)
+            except ConfigError as e:
+                raise ConfigError(e.key, f"{e.message}, in the rung at {f:g} of the run "
+                                         f"(search.asha.rungs); give it as a fraction of the "
+                                         f"run, which every rung keeps") from None
+    return check
+
+
 def _with(base: dict, section: str, name: str, value) -> dict:
     cfg = copy.deepcopy(base)
     cfg.setdefault(section, {})
@@ -422,6 +438,8 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
             raise ConfigError(mkey, f"unknown method {name!r} (known: {', '.join(sorted(PRESETS))})")
         dists = _parse_method_space(name, _flatten_params(params or {}, mkey), mkey)
         _check_combinations(base, knobs, name, dists)
+        if len(settings.asha.fractions()) > 1:  # then each rung's run of those combinations
+            _check_combinations(base, knobs, name, dists, rungs_check(settings.asha.fractions()))
         _check_ranges(name, dists, mkey)
         methods[name] = dists
     return SearchSpace(base, settings, knobs, methods, {**data, "search": search} if search else data)
