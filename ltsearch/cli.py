@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("search_dir", help=SEARCH_DIR_HELP)
     r.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
     r.add_argument("--no-tracking", action="store_true", help="do not attach the report to the search's run")
+    r.add_argument("--out", help="write the page and its figures to this folder instead (the search "
+                   "folder is then only read: a read-only one, or one a search is writing)")
     r.set_defaults(fn=cmd_report)
     return p
 
@@ -199,6 +201,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM, SIGHUP) before anything was written
+        print(f"stopped{f' by {e}' if str(e) else ''}: nothing was written", file=sys.stderr)
+        return 130
 
 
 def console() -> None:

@@ -384,6 +384,8 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError("", f"config file not found: {path}")
     try:
         return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path}: not valid YAML: not text") from None
     except yaml.YAMLError as e:  # one line: where and what
         mark = getattr(e, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)

@@ -48,6 +48,27 @@ def tracked_metrics(result: dict, part_metrics) -> dict:
             and ("/" in k or k in TRAINER_METRICS or k in part_metrics)}
 
 
+def ended_before(folder: Path) -> frozenset:
+    """Trials the records hold as ended when a driver starts: a resume restores one that Tune's
+    older snapshot held unfinished, and it must stay as recorded (``run_trial`` skips it)."""
+    return frozenset(k for k, r in TrialRecords(folder).trials.items() if r["status"] not in ONGOING)
+
+
+def keep_results(trial) -> None:
+    """Tune starts a restored trial that has no checkpoint with empty result files in its
+    staging folder, which then replace the trial's own: put its own there first (Tune's
+    loggers append to them, after this callback)."""
+    import shutil
+
+    own, staged = Path(trial.storage.trial_fs_path), Path(trial.local_path)
+    if own.resolve() == staged.resolve():
+        return
+    staged.mkdir(parents=True, exist_ok=True)
+    for name in ("result.json", "progress.csv"):
+        if (own / name).is_file():
+            shutil.copyfile(own / name, staged / name)
+
+
 class SearchCallback(Callback):
     def __init__(self, folder: Path, space, tracker: Tracker):
         self.folder = Path(folder)
@@ -56,10 +77,12 @@ class SearchCallback(Callback):
         self.part_metrics = reported_metrics()
         self.started: set[str] = set()  # trials the tracker has opened in this driver
         self.configs: dict[str, dict] = {}  # trial id → its full config (built once)
+        self.ended = ended_before(self.folder)  # not run again: their events change nothing
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; a restore replaces them
         return {"folder": self.folder, "space": self.space, "tracker": Tracker(),
-                "part_metrics": self.part_metrics, "started": set(), "configs": {}}
+                "part_metrics": self.part_metrics, "started": set(), "configs": {},
+                "ended": frozenset()}
 
     def _records(self) -> TrialRecords:
         return TrialRecords(self.folder)
@@ -83,6 +106,9 @@ class SearchCallback(Callback):
         records.update(trial_id, driver_s=old + time.perf_counter() - began, **fields)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.ended:
+            keep_results(trial)
+            return
         began = time.perf_counter()
         cfg = self._config(trial)
         rec = self._records()
@@ -95,6 +121,8 @@ class SearchCallback(Callback):
                     started_at=time.time(), params=dict(trial.config), **confirmation(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id in self.ended:
+            return
         began = time.perf_counter()
         rec = self._records()
         self._open(trial)
@@ -106,6 +134,8 @@ class SearchCallback(Callback):
                     **{k: result.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)})
 
     def _end(self, trial, status: str, error=None) -> None:
+        if trial.trial_id in self.ended:
+            return
         began = time.perf_counter()
         rec = self._records()
         self._open(trial)
@@ -194,6 +224,7 @@ class ProgressCallback(Callback):
         self.began = clock() if began is None else began
         self.drawn = 0.0
         self.done_before = self._counts()[0]  # trials that ended before this driver (a resume)
+        self.ended = ended_before(self.folder)
         self.first_start: Optional[float] = None  # this driver's first trial start
 
     def __getstate__(self):
@@ -242,6 +273,8 @@ class ProgressCallback(Callback):
             self.out.flush()
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.ended:
+            return
         if self.first_start is None:
             self.first_start = self.clock()
         cfg = self.space.trial_config(trial.config)
@@ -251,6 +284,8 @@ class ProgressCallback(Callback):
         self._say(f"started  {trial.trial_id[-8:]}  {self.space.label(cfg)}" + (f"  ({chosen})" if chosen else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.ended:
+            return
         result = trial.last_result or {}
         status = finished_status(result)
         value = result.get(self.metric)
@@ -260,6 +295,8 @@ class ProgressCallback(Callback):
                   f"{shown}", bar=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.ended:
+            return
         epochs = (trial.last_result or {}).get("epoch", 0)
         self._say(f"failed   {trial.trial_id[-8:]}  after {epochs} epochs: {error_text(trial) or 'see ray.log'}",
                   bar=True)

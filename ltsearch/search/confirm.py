@@ -85,6 +85,11 @@ def run_confirmation(search: Search, verbose: int) -> str:
     from ltsearch.search.ray_private import replace_restored_callbacks
 
     space, settings = search.space, search.space.settings
+    ended = len(TrialRecords(search.folder).ranked(settings.metric, settings.mode))
+    if settings.confirm.top > ended:  # a search's own --confirm K:S asked for more than ended
+        print(f"confirming: {ended} of the {settings.confirm.top} trials asked for ran to the end",
+              flush=True)
+        settings.confirm.top = ended
 
     def callbacks():
         return [SearchCallback(search.folder, space, search.tracker),
@@ -136,6 +141,15 @@ def main_confirm(args) -> int:
         if value < 1:
             raise ConfigError(flag, f"must be >= 1, got {value}")
     info = read_info(folder)
+    stored = load_search_file(folder / "search.yaml").settings
+    ended = len(TrialRecords(folder).ranked(stored.metric, stored.mode))
+    if not ended:
+        raise ConfigError("search_dir", f"no trial of the search in {folder} ran to the end: "
+                                        "there is nothing to confirm")
+    if args.top > ended:  # count what exists
+        print(f"--top {args.top}: the search has {ended} trial{'s' * (ended != 1)} that ran to "
+              f"the end; confirming {'it' if ended == 1 else 'those'}", flush=True)
+        args.top = ended
     overrides = {"confirm": {"top": args.top, "seeds": args.seeds},
                  "tracking": "none" if args.no_tracking else info.get("tracking")}
     space = load_search_file(folder / "search.yaml", overrides)

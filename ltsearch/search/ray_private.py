@@ -50,7 +50,20 @@ def prune_aware_optuna():
             if trial_id not in self._completed_trials:
                 self._report(trial_id, result)
 
+        def _told(self, trial_id) -> bool:
+            """Whether the study already holds the trial's end: a resumed search restores this
+            searcher from a snapshot older than the study (a trial pruned just before the
+            driver stopped), and Optuna refuses to be told twice."""
+            ot = self._ot_trials.get(trial_id)
+            if ot is None:
+                return False
+            state = {t.number: t.state for t in self._ot_study.get_trials(deepcopy=False)}.get(ot.number)
+            return state is not None and state.is_finished()
+
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if trial_id not in self._completed_trials and self._told(trial_id):
+                self._completed_trials.add(trial_id)
+                return
             if trial_id in self._completed_trials or error or not result:
                 return super().on_trial_complete(trial_id, result, error)
             self._report(trial_id, result)

@@ -17,6 +17,7 @@ from typing import Optional
 import yaml
 
 from ltsearch.metrics import SCALARS
+from ltsearch.search.folder import damaged, read_json
 from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
 
 TRIALS_FILE = "trials.json"
@@ -52,14 +53,21 @@ def scalars(result: dict) -> dict:
 class TrialRecords:
     def __init__(self, folder: Path):
         self.path = Path(folder) / TRIALS_FILE
-        self.trials: dict[str, dict] = {}
-        if self.path.is_file():
-            self.trials = json.loads(self.path.read_text())
+        self.trials: dict[str, dict] = read_json(self.path, {})
+        if not isinstance(self.trials, dict) or not all(
+                isinstance(r, dict) and "status" in r for r in self.trials.values()):
+            raise damaged(self.path, "not a record of trials")
 
     def save(self) -> None:
+        """Atomically: a failed write (a full disk) leaves the last complete file, and says
+        which file it was."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.trials, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.trials, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def update(self, trial_id: str, **fields) -> None:
         self.trials.setdefault(trial_id, {"trial_id": trial_id}).update(fields)

@@ -312,11 +312,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_report(folder: Path) -> Path:
-    """Write ``report.html`` and ``report/*.png`` in the search folder; the page's path."""
+def write_report(folder: Path, out: Optional[Path] = None) -> Path:
+    """Write ``report.html`` and ``report/*.png`` in ``out`` (default: the search folder); the
+    page's path."""
     res = SearchResults.load(folder)
-    figures = Path(folder) / FIGURES
-    figures.mkdir(exist_ok=True)
+    out = Path(out or folder)
+    figures = out / FIGURES
+    figures.mkdir(parents=True, exist_ok=True)
     statuses: dict[str, int] = {}
     for r in res.searched():
         statuses[r["status"].lower()] = statuses.get(r["status"].lower(), 0) + 1
@@ -337,9 +339,20 @@ def write_report(folder: Path) -> Path:
                          f'{base64.b64encode(png).decode()}">')
         parts.append(f'<p class="caption">{html.escape(section.caption)}</p></section>')
     parts.append("</body></html>")
-    page = Path(folder) / REPORT_PAGE
+    page = out / REPORT_PAGE
     page.write_text("\n".join(parts))
     return page
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be made in ``folder`` (a read-only mount passes ``os.access`` for root)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
 
 
 def main_report(args) -> int:
@@ -348,18 +361,28 @@ def main_report(args) -> int:
     from ltsearch.search.results import read_info
     from ltsearch.search.tracker import TrackingError, make_tracker
 
+    from ltsearch.config import writable_folder
+    from ltsearch.search.folder import FolderLock
+
     folder = Path(args.search_dir).resolve()
     if not (folder / "trials.json").is_file():
         raise ConfigError("search_dir", f"{folder} holds no trials.json: not a search folder")
     info = read_info(folder)
-    page = write_report(folder)  # the folder is all the page needs
+    if args.out:  # elsewhere: the folder is only read, so no lock (a running search may hold it)
+        page = write_report(folder, writable_folder(Path(args.out).resolve(), "--out"))
+    else:
+        if not _writable(folder):
+            raise ConfigError("search_dir", f"{folder} cannot be written (read-only): write the "
+                                            "page elsewhere with --out DIR")
+        with FolderLock(folder):
+            page = write_report(folder)  # the folder is all the page needs
     print(page)
     kind = "none" if args.no_tracking else info.get("tracking", "none")
     try:
         tracker = make_tracker(kind, args.tracking_uri or info.get("tracking_uri"),
                                info.get("experiment", "ltsearch"), info.get("classes", []),
                                info.get("counts", []), background=False)
-        tracker.attach(folder, [page, folder / FIGURES])
+        tracker.attach(folder, [page, page.parent / FIGURES])
     except ConfigError as e:
         raise ConfigError(e.key, f"{e.message}; the page is written, not attached "
                                  "(--no-tracking: write it without attaching)") from None

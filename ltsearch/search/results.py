@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ltsearch.config import ConfigError
+from ltsearch.search.folder import damaged, read_json
 from ltsearch.search.records import CONFIRM_OF, TRIALS_FILE, TrialRecords
 
 SEARCH_INFO = "search.json"
@@ -83,8 +84,10 @@ class SearchResults:
 
 def read_info(folder: Path) -> dict:
     """``search.json`` ({} for a folder from before it existed)."""
-    path = Path(folder) / SEARCH_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    info = read_json(Path(folder) / SEARCH_INFO, {})
+    if not isinstance(info, dict):
+        raise damaged(Path(folder) / SEARCH_INFO, "not a search's description")
+    return info
 
 
 def read_reports(folder: Path) -> dict[str, list[dict]]:
@@ -95,9 +98,12 @@ def read_reports(folder: Path) -> dict[str, list[dict]]:
     folder = Path(folder)
     for experiment in [folder / "ray", *sorted(folder.glob(f"{CONFIRM_PREFIX}*"))]:
         for path in sorted(experiment.glob("*/result.json")):
-            for line in path.read_text().splitlines():
-                if line.strip():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
                     result = json.loads(line)
+                except ValueError:  # a line cut short by a killed process, or a blank one
+                    continue
+                if isinstance(result, dict) and "trial_id" in result:
                     out.setdefault(result["trial_id"], {})[int(result.get("epoch", 0))] = result
     reports = {}
     for trial_id, by_epoch in out.items():

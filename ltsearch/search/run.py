@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -44,6 +45,8 @@ class SearchOutcome:
     ending: str = "finished"  # finished | interrupted | failed
     tracking: str = ""  # where to look: one line
     report: Optional[Path] = None  # report.html
+    signal: Optional[int] = None  # the stop signal that ended it (SIGINT, SIGTERM, SIGHUP), if any
+    unclosed: list = field(default_factory=list)  # records the ending could not write (a full disk)
 
 
 class SearchStopped(Exception):
@@ -69,6 +72,8 @@ class Search:
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
     began: float = field(default_factory=time.monotonic)  # the command's start, for the clock
     ray_stopping: Optional[threading.Thread] = None  # the Ray this search started, shutting down
+    lock: Optional[object] = None  # the folder's writer lock (search.folder.FolderLock), held throughout
+    stops: Optional[object] = None  # search.signals.StopSignals: SIGTERM and SIGHUP as Ctrl-C
 
     @property
     def ray_dir(self) -> Path:
@@ -128,7 +133,24 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     address = resolve_address(address)
     if address is None:
         check_machine_holds(space.settings.resources)
-    search = check_search(space, name, storage, tracking_uri, resume or confirm_only)
+    from ltsearch.search.signals import StopSignals
+
+    stops = StopSignals()
+    if threading.current_thread() is threading.main_thread():
+        stops.install()
+    try:
+        search = check_search(space, name, storage, tracking_uri, resume or confirm_only, confirm_only)
+        search.stops = stops
+        try:
+            return _run_checked(search, address, verbose, confirm_only, began)
+        finally:
+            search.lock.release()
+    finally:
+        stops.restore()
+
+
+def _run_checked(search: Search, address: Optional[str], verbose: int, confirm_only: bool,
+                 began: Optional[float]) -> SearchOutcome:
     if began is not None:
         search.began = began
     if confirm_only:
@@ -152,7 +174,8 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     except Exception as e:
         ending, cause = "failed", _own_cause(e)
     finally:
-        outcome = finish_search(search, ending, cause)
+        with search.stops.closing_records():
+            outcome = finish_search(search, ending, cause)
     if ending != "finished":
         raise SearchStopped(outcome, cause)
     return outcome
@@ -160,8 +183,16 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
 
 def _own_cause(e: Exception) -> Exception:
     """Tune wraps what our callbacks raise in a TuneError whose message is the whole
-    traceback; a lost tracking store (a TrackingError, one line by design) is shown as itself."""
-    return e.__context__ if isinstance(e.__context__, TrackingError) else e
+    traceback; a lost tracking store (a TrackingError, one line by design) and a disk that
+    failed (an OSError: full, gone) are shown as themselves."""
+    if isinstance(e.__context__, TrackingError):
+        return e.__context__
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return e
 
 
 def _work_left(search: Search, confirm_only: bool) -> bool:
@@ -284,6 +315,80 @@ def check_fixed_on_resume(space, folder: Path) -> None:
                                     "search with --name")
 
 
+# What a resumed search may change: what happens after or beside its trials (confirmation, asked
+# for per command; tracking, e.g. without a store that is gone; the report page). Everything
+# else decides what its trials ran, and the folder records it.
+CHANGEABLE_ON_RESUME = ("search.confirm", "search.tracking", "search.background_tracking",
+                        "search.report")
+
+
+def check_resumable(space, folder: Path, name: str) -> None:
+    """A search folder a resume or a confirmation continues: its files readable (each damaged
+    one named), and the search file the one it ran with."""
+    from ltsearch.config import read_yaml
+    from ltsearch.search.folder import check_checkpoint, check_study, read_json
+    from ltsearch.search.records import TrialRecords, flatten
+    from ltsearch.search.results import read_info
+    from ltsearch.search.trial import CHECKPOINT_FILE, RUNG_FILE
+
+    records = TrialRecords(folder)
+    read_info(folder)
+    check_study(folder / "optuna.db", name)
+    stored_path = folder / "search.yaml"
+    stored = read_yaml(stored_path)
+    if not isinstance(stored, dict):
+        from ltsearch.search.folder import damaged
+
+        raise damaged(stored_path, "not a search file")
+    have, asked = _as_run(stored, stored_path), _as_run(space.source, stored_path)
+    differ = sorted(k for k in set(have) | set(asked) if have.get(k, None) != asked.get(k, None)
+                    and not k.startswith(CHANGEABLE_ON_RESUME))
+    if differ:
+        shown = ", ".join(f"{k} ({have.get(k, '—')!r} → {asked.get(k, '—')!r})" for k in differ[:6])
+        raise ConfigError("--resume", f"the search file differs from the one the search in {folder} "
+                                      f"ran with ({stored_path}): {shown}"
+                                      f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''}; "
+                                      "resume with that file, or start another search with --name")
+    snapshots = sorted((folder / RAY_SUBDIR).glob("experiment_state-*.json"))
+    if snapshots:  # Tune writes it in place: a full disk can leave it cut short
+        read_json(snapshots[-1])
+    for trial_id, r in records.trials.items():
+        if r["status"] in ONGOING:
+            for checkpoint in latest_checkpoints(folder, trial_id):
+                check_checkpoint(checkpoint, (CHECKPOINT_FILE, RUNG_FILE))
+
+
+def _as_run(source: dict, path: Path) -> dict:
+    """A search file as what it runs, flat: its base and settings with their defaults filled in
+    (a key left out and the same key at its default are the same search), its space as written."""
+    import dataclasses
+
+    from ltsearch.config import from_dict
+    from ltsearch.search.records import flatten
+    from ltsearch.search.space import SearchSettings
+
+    try:
+        base = dataclasses.asdict(config_from_dict(source.get("base") or {}))
+        settings = dataclasses.asdict(from_dict(SearchSettings, source.get("search") or {}, "search"))
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.message} (in {path})") from None
+    return flatten({"base": base, "search": settings, "space": source.get("space") or {}})
+
+
+def latest_checkpoints(folder: Path, trial_id: str) -> list[Path]:
+    """The newest checkpoint of a trial in each Tune experiment of the folder (the one a
+    resume restores)."""
+    from ltsearch.search.results import CONFIRM_PREFIX
+
+    found = []
+    for experiment in [folder / RAY_SUBDIR, *sorted(folder.glob(f"{CONFIRM_PREFIX}*"))]:
+        for trial_dir in experiment.glob(f"*_{trial_id}_*"):
+            checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+            if checkpoints:
+                found.append(checkpoints[-1])
+    return found
+
+
 def check_machine_holds(resources) -> None:
     """A local Ray has this machine's CPUs and GPUs, and no node will join it: a trial asking
     for more would wait, PENDING, for ever."""
@@ -311,9 +416,26 @@ def nodes_for(resources) -> int:
                for node in ray.nodes())
 
 
-def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool) -> Search:
-    """Every check that needs no run: the folder, the tracking store, the data (the search file
-    itself was checked when it was read). Writes nothing."""
+def check_search(space, name: str, storage, tracking_uri: Optional[str], resume: bool,
+                 confirm_only: bool = False) -> Search:
+    """Every check that needs no run: the folder (taking its lock: one writer at a time), the
+    tracking store, the data (the search file itself was checked when it was read). Writes
+    nothing but the lock, which a refusal takes away again."""
+    from ltsearch.search.folder import FolderLock
+
+    writable_folder(Path(storage), "--storage")
+    folder = (Path(storage) / name).resolve()
+    lock = FolderLock(folder, "search_dir" if confirm_only else "--name").acquire()
+    try:
+        search = _check_locked(space, name, folder, tracking_uri, resume)
+    except BaseException:
+        lock.release(refused=True)
+        raise
+    search.lock = lock
+    return search
+
+
+def _check_locked(space, name: str, folder: Path, tracking_uri: Optional[str], resume: bool) -> Search:
     from ltsearch.data import build_data
     from ltsearch.metrics import describe_groups, shot_groups
     from ltsearch.search.tracker import make_tracker
@@ -328,12 +450,11 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our files (trials.json, optuna.db, best_config.yaml…) live in ``folder``; Ray's experiment
     # in ``folder/ray``, which Tune syncs from its own staging copy (it would overwrite ours).
-    writable_folder(Path(storage), "--storage")
-    folder = (Path(storage) / name).resolve()
     if resume and not (folder / RAY_SUBDIR / "tuner.pkl").is_file():
         raise ConfigError("--resume", f"no search to resume at {folder}")
     if resume:
         check_fixed_on_resume(space, folder)
+        check_resumable(space, folder, name)
     if not resume and (folder / RAY_SUBDIR / "tuner.pkl").exists():
         raise ConfigError("--name", f"a search named {name!r} exists in {folder.parent}; "
                                     "pass --resume to continue it or choose another --name")
@@ -415,6 +536,7 @@ def ray_messages_to(path: Path, verbose: int):
         yield
         return
     handler = logging.FileHandler(path)
+    handler.handleError = lambda record: None  # a full disk: Ray's records are dropped, quietly
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = ray_logger.handlers[:]
     for h in saved:
@@ -441,6 +563,8 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=False)
+    if search.stops is not None and threading.current_thread() is threading.main_thread():
+        search.stops.install()  # ray.init replaced them with handlers that abort the driver
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
@@ -466,15 +590,18 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
 
 
 def trainable_for(search: Search):
-    """Tune's trainable for the search's trials: the data once through the object store."""
+    """Tune's trainable for the search's trials: the data once through the object store; trials
+    the records hold as ended are not run again (see ``run_trial``)."""
     from ray import tune
 
+    from ltsearch.search.records import TrialRecords
     from ltsearch.search.trial import run_trial
 
     resources = search.space.settings.resources
+    ended = frozenset(k for k, r in TrialRecords(search.folder).trials.items() if r["status"] not in ONGOING)
     return tune.with_resources(
         tune.with_parameters(run_trial, data=search.data, space=search.space,
-                             compile_cache=str(search.folder / COMPILE_CACHE)),
+                             compile_cache=str(search.folder / COMPILE_CACHE), ended=ended),
         {"cpu": resources.cpu, "gpu": resources.gpu})
 
 
@@ -568,13 +695,27 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     """Always runs. Finished: trials Tune never recorded (a driver killed between snapshots) are
     LOST and their Optuna trials FAIL. Interrupted or failed: running trials are INTERRUPTED
     in trials.json and WAITING in Optuna (``--resume`` continues them), their MLflow runs
-    KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished."""
+    KILLED. Then the leaderboard, trials.csv and best_config.yaml from what finished. A record
+    that cannot be written (a full disk) does not stop the others from closing: what stayed
+    open is in the outcome's ``unclosed``."""
     import optuna
 
     from ltsearch.search.records import TrialRecords, format_leaderboard, write_config
     from ltsearch.search.report import FIGURES
 
     settings = search.space.settings
+    unclosed: list[str] = []
+
+    def attempt(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:  # a full or lost disk: say which record, close the rest
+            unclosed.append(f"{what} ({e.strerror or e})")
+        except Exception as e:  # the study's sqlite on a full disk: "database or disk is full"
+            if not _disk_error(e):
+                raise
+            unclosed.append(f"{what} (its database could not be written)")
+
     records = TrialRecords(search.folder)
     running = [k for k, r in records.trials.items() if r["status"] == "RUNNING"]
     open_optuna = []
@@ -591,31 +732,33 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         # cannot be continued: RUNNING after a killed driver, INTERRUPTED after a stopped one.
         for trial_id, r in records.trials.items():
             if r["status"] in ONGOING and trial_id not in search.tune_trial_ids:
-                records.update(trial_id, status="LOST", error="the driver stopped before Ray "
-                                                               "recorded this trial; it was not resumed")
+                attempt(str(records.path), records.update, trial_id, status="LOST",
+                        error="the driver stopped before Ray recorded this trial; it was not resumed")
         study = _study(search) if open_optuna else None
         for number in open_optuna:
-            study.tell(number, state=optuna.trial.TrialState.FAIL)
+            attempt(f"the Optuna study {search.folder / 'optuna.db'}", study.tell, number,
+                    state=optuna.trial.TrialState.FAIL)
     else:
         for trial_id in running:
-            records.update(trial_id, status="INTERRUPTED")
-        _set_optuna_state(search, open_optuna, optuna.trial.TrialState.WAITING)
+            attempt(str(records.path), records.update, trial_id, status="INTERRUPTED")
+        attempt(f"the Optuna study {search.folder / 'optuna.db'}", _set_optuna_state, search,
+                open_optuna, optuna.trial.TrialState.WAITING)
 
     confirmed = records.confirmed(settings.metric, settings.mode)
     rows = records.leaderboard(settings.metric, settings.mode)
     board = format_leaderboard(rows, settings.metric, search.groups, confirmed)
-    (search.folder / "leaderboard.txt").write_text(board + "\n")
-    records.write_csv(search.folder / "trials.csv")
+    attempt(str(search.folder / "leaderboard.txt"), (search.folder / "leaderboard.txt").write_text, board + "\n")
+    attempt(str(search.folder / "trials.csv"), records.write_csv, search.folder / "trials.csv")
     best = records.best_config(settings.metric, settings.mode)
     best_path = None
     if best is not None:
         best_path = search.folder / "best_config.yaml"
-        write_config(best, best_path)
+        attempt(str(best_path), write_config, best, best_path)
     elif ending == "finished":
         log.warning("no trial ran to the end; best_config.yaml not written")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",
                  search.folder / "trials.csv"] + ([best_path] if best_path else [])
-    report = _write_report(search.folder) if settings.report and records.trials else None
+    report = _write_report(search.folder) if settings.report and records.trials and not unclosed else None
     if report is not None:
         artifacts += [report, report.parent / FIGURES]
     try:
@@ -625,7 +768,23 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     if search.ray_stopping is not None:
         search.ray_stopping.join()
     return SearchOutcome(search.folder, records, best_path, board, search.tracker.search_id,
-                         search.tracker.uri, ending, search.tracker.describe(), report)
+                         search.tracker.uri, ending, search.tracker.describe(), report,
+                         search.stops.received if search.stops is not None else None, unclosed)
+
+
+def _disk_error(e: Optional[BaseException]) -> bool:
+    """A database error that is the disk's (sqlite: "database or disk is full", "disk I/O error")."""
+    while e is not None:  # Optuna wraps sqlalchemy's error, which wraps sqlite3's
+        text = str(e).lower()
+        if "disk is full" in text or "disk i/o error" in text or "no space left" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def _write_report(folder: Path) -> Optional[Path]:
@@ -660,13 +819,27 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     """The summary and one line on how to continue; the exit status."""
     print_summary(stop.outcome, name, space)
     if stop.outcome.ending == "interrupted":
-        print(f"interrupted — continue with `{again}`", file=sys.stderr)
-        return 130
+        from ltsearch.search.signals import NAMES
+
+        sig = stop.outcome.signal
+        said = f"stopped by {NAMES[sig]}" if sig in NAMES and sig != signal.SIGINT else "interrupted"
+        print(f"{said} — continue with `{again}`", file=sys.stderr)
+        return 128 + int(sig or signal.SIGINT)
     cause = stop.cause
-    then = (f"its folder and Optuna study are closed, its tracking records not: once the store "
-            f"answers, `{again}` brings them up to date" if isinstance(cause, TrackingError)
-            else f"everything recorded is closed; fix the cause, then `{again}`")
-    print(f"error: the search stopped: {type(cause).__name__}: {cause}\n  {then}", file=sys.stderr)
+    unclosed = stop.outcome.unclosed
+    if unclosed:
+        then = (f"not written: {'; '.join(unclosed)}; once the disk has room again, `{again}` "
+                "closes every record")
+    elif isinstance(cause, TrackingError):
+        then = (f"its folder and Optuna study are closed, its tracking records not: once the store "
+                f"answers, `{again}` brings them up to date")
+    else:
+        then = f"everything recorded is closed; fix the cause, then `{again}`"
+    if isinstance(cause, OSError) and cause.strerror:
+        said = f"{type(cause).__name__}: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+    else:
+        said = f"{type(cause).__name__}: {cause}"
+    print(f"error: the search stopped: {said}\n  {then}", file=sys.stderr)
     return 1
 
 
@@ -677,7 +850,7 @@ def main_search(args) -> int:
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "tracking": "none" if args.no_tracking else None, "confirm": parse_confirm(args.confirm)}
     stored = stored_settings(Path(args.storage) / name) if args.resume else None
-    for key in FIXED_ON_RESUME:  # what the search ran with, unless the command line says otherwise
+    for key in (*FIXED_ON_RESUME, "tracking"):  # as the search ran, unless the command line says
         if overrides[key] is None and stored is not None:
             overrides[key] = getattr(stored, key)
     space = load_search_file(args.space, overrides)

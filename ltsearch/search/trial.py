@@ -63,13 +63,20 @@ def rung_runs(cfg, fractions: list[float]) -> list:
     return runs
 
 
-def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] = None) -> None:
+def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] = None,
+              ended: frozenset = frozenset()) -> None:
     """Tune function trainable; ``data`` (LongTailData) arrives once through the object store.
+
+    ``ended``: trials the search's records hold as ended. Tune's snapshot of a stopped driver
+    can be seconds older than the records, and a trial stopped in between is restored as
+    unfinished; it returns at once, reporting nothing, so it stays what the records say.
 
     Trains the trial's rungs in turn, each a complete run from scratch, and reports every
     evaluated epoch with ``epoch`` counting all the trial's epochs so far (Tune's, Optuna's and
     MLflow's step), and the rung, its budget and the values its earlier rungs ended with (what
     the scheduler decides on)."""
+    if tune.get_context().get_trial_id() in ended:
+        return
     entered, began = time.time(), time.perf_counter()
     cfg = config_from_dict(space.trial_config(config))
     cfg.train.device = trial_device()
