@@ -52,3 +52,24 @@ def test_the_cluster_ray_start_recorded(tmp_path, monkeypatch):
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.7:6379\n")
     assert recorded_cluster() == ("10.0.0.7:6379", str(tmp_path / "ray"))
+
+
+
+def test_a_trials_own_result_files_go_to_its_staging_folder(tmp_path):
+    """``keep_results`` reads ``Trial.storage.trial_fs_path`` and ``Trial.local_path``."""
+    import inspect
+    from types import SimpleNamespace
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from ltsearch.search.ray_private import keep_results
+
+    assert isinstance(inspect.getattr_static(Trial, "local_path"), property)
+    assert "storage" in inspect.signature(Trial.__init__).parameters
+    assert isinstance(inspect.getattr_static(StorageContext, "trial_fs_path"), property)
+    own, staged = tmp_path / "own", tmp_path / "staged"
+    own.mkdir()
+    (own / "result.json").write_text('{"epoch": 1}\n')
+    keep_results(SimpleNamespace(storage=SimpleNamespace(trial_fs_path=str(own)), local_path=str(staged)))
+    assert (staged / "result.json").read_text() == '{"epoch": 1}\n' and not (staged / "progress.csv").exists()

@@ -20,6 +20,7 @@ from ray.tune.experiment import Trial
 from ltsearch.recipes import reported_metrics
 from ltsearch.search.records import (CONFIRM_OF, ONGOING, SEED, TrialRecords, error_text,
                                      finished_status, scalars)
+from ltsearch.search.ray_private import keep_results
 from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUES
 from ltsearch.search.tracker import Tracker
 
@@ -52,21 +53,6 @@ def ended_before(folder: Path) -> frozenset:
     """Trials the records hold as ended when a driver starts: a resume restores one that Tune's
     older snapshot held unfinished, and it must stay as recorded (``run_trial`` skips it)."""
     return frozenset(k for k, r in TrialRecords(folder).trials.items() if r["status"] not in ONGOING)
-
-
-def keep_results(trial) -> None:
-    """Tune starts a restored trial that has no checkpoint with empty result files in its
-    staging folder, which then replace the trial's own: put its own there first (Tune's
-    loggers append to them, after this callback)."""
-    import shutil
-
-    own, staged = Path(trial.storage.trial_fs_path), Path(trial.local_path)
-    if own.resolve() == staged.resolve():
-        return
-    staged.mkdir(parents=True, exist_ok=True)
-    for name in ("result.json", "progress.csv"):
-        if (own / name).is_file():
-            shutil.copyfile(own / name, staged / name)
 
 
 class SearchCallback(Callback):
@@ -107,7 +93,7 @@ class SearchCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.ended:
-            keep_results(trial)
+            keep_results(trial)  # its own result files, not Tune's empty ones
             return
         began = time.perf_counter()
         cfg = self._config(trial)

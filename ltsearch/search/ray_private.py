@@ -8,6 +8,8 @@ loudly when a Ray release changes one of them.
   pickled ones hold a closed MLflow client and a stale records path.
 - ``Tuner._local_tuner._tune_config.scheduler``: ``Tuner.restore`` takes no scheduler, and the
   one it unpickles is as it was created, before any rung was recorded.
+- ``Trial.storage.trial_fs_path`` and ``Trial.local_path``: where a trial's own result files lie
+  and where Tune stages the ones it syncs over them (no public API names either).
 - ``ray._private.utils.read_ray_address`` and ``ray._common.utils.get_default_ray_temp_dir``:
   which cluster ``ray.init(address="auto")`` joins is not public, and it must be checked before
   Ray is asked to join it.
@@ -84,6 +86,22 @@ def replace_restored_callbacks(tuner, callbacks: list) -> None:
 
 def replace_restored_scheduler(tuner, scheduler) -> None:
     tuner._local_tuner._tune_config.scheduler = scheduler
+
+
+def keep_results(trial) -> None:
+    """Tune starts a restored trial that has no checkpoint with empty result files in its
+    staging folder, which its next sync copies over the trial's own: put its own there first
+    (Tune's loggers, which run after the search's callbacks, append to them)."""
+    import shutil
+    from pathlib import Path
+
+    own, staged = Path(trial.storage.trial_fs_path), Path(trial.local_path)
+    if own.resolve() == staged.resolve():
+        return
+    staged.mkdir(parents=True, exist_ok=True)
+    for name in ("result.json", "progress.csv"):
+        if (own / name).is_file():
+            shutil.copyfile(own / name, staged / name)
 
 
 def recorded_cluster() -> tuple[Optional[str], str]:
