@@ -561,11 +561,8 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
     if started:
         # "local" starts a fresh instance: without it Ray would join whatever cluster
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
-        from ltsearch.search.signals import spared_children
-
-        with spared_children():
-            ray.init(address=address or "local", include_dashboard=False,
-                     log_to_driver=verbose > 1, configure_logging=False)
+        ray.init(address=address or "local", include_dashboard=False,
+                 log_to_driver=verbose > 1, configure_logging=False)
     if search.stops is not None and threading.current_thread() is threading.main_thread():
         search.stops.install()  # ray.init replaced them with handlers that abort the driver
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent

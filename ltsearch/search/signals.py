@@ -69,18 +69,3 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
-
-
-@contextlib.contextmanager
-def spared_children():
-    """Processes started inside (a local Ray's GCS, raylet and workers) are spared the stops sent
-    to the whole process group: ``timeout`` and Slurm send SIGTERM to every process of the job,
-    and a local Ray killed under its driver left the driver waiting a minute for its GCS, then
-    dead with every record RUNNING. The signals are blocked while the children start (a blocked
-    mask is inherited through fork and exec); the driver stops them all itself, as it does
-    after Ctrl-C."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
