@@ -594,11 +594,11 @@ def trainable_for(search: Search):
     the records hold as ended are not run again (see ``run_trial``)."""
     from ray import tune
 
-    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.callbacks import ended_before
     from ltsearch.search.trial import run_trial
 
     resources = search.space.settings.resources
-    ended = frozenset(k for k, r in TrialRecords(search.folder).trials.items() if r["status"] not in ONGOING)
+    ended = ended_before(search.folder)
     return tune.with_resources(
         tune.with_parameters(run_trial, data=search.data, space=search.space,
                              compile_cache=str(search.folder / COMPILE_CACHE), ended=ended),
