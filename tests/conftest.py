@@ -97,3 +97,53 @@ LONGEST_FIRST = ("test_resume_cluster.py", "test_folder_endings.py", "test_searc
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+_STORE_TEMPLATE: list[Path] = []
+
+
+def fresh_store(folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of an empty MLflow store at ``folder/name``, copied from one migrated once per
+    test process (a fresh store's migrations cost ~3 s of CPU each). Tests of a store's very
+    first creation make their own."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        from mlflow import MlflowClient
+
+        where = Path(tempfile.mkdtemp(prefix="ltsearch-store-"))
+        atexit.register(shutil.rmtree, where, True)
+        MlflowClient(f"sqlite:///{where / 'mlflow.db'}").search_experiments()
+        _STORE_TEMPLATE.append(where / "mlflow.db")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], Path(folder) / name)
+    return f"sqlite:///{Path(folder) / name}"
+
+
+HOLD_HOOK = ROOT / "tests" / "hold"
+
+
+class Hold:
+    """Pauses real trials at a named state (see ``tests/hold/sitecustomize.py``): ``env()`` for
+    the processes a test starts, ``at(name)`` before they start, ``wait(name)`` until a trainer
+    waits there, ``release(name)``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def env(self, base: dict | None = None) -> dict:
+        base = dict(os.environ if base is None else base)
+        path = os.pathsep.join(p for p in (str(HOLD_HOOK), base.get("PYTHONPATH")) if p)
+        return dict(base, LTSEARCH_TEST_HOLD=str(self.folder), PYTHONPATH=path)
+
+    def at(self, name: str) -> None:
+        (self.folder / f"hold-{name}").touch()
+
+    def reached(self, name: str) -> bool:
+        return (self.folder / f"held-{name}").exists()
+
+    def release(self, name: str) -> None:
+        (self.folder / f"hold-{name}").unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, tiny_search
+from conftest import Hold, free_port, fresh_store, tiny_search
 
 BIN = Path(sys.executable).parent
 
@@ -26,8 +26,8 @@ def _env():
                 # job-runner processes (each imports MLflow: seconds of CPU on 2 cores)
 
 
-def _start(cmd, log: Path, cwd=None):
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(),
+def _start(cmd, log: Path, cwd=None, env=None):
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env or _env(),
                             cwd=cwd, start_new_session=True)
 
 
@@ -77,9 +77,29 @@ def _trials(folder: Path) -> dict:
         return {}
 
 
-def _ctrl_c(cmd, log: Path, until, what: str) -> tuple[int, str]:
+def _snapshot(folder: Path) -> dict:
+    """Tune's newest snapshot of the experiment: each trial's status by id (what a resume
+    restores)."""
+    try:
+        data = json.loads(sorted((folder / "ray").glob("experiment_state-*.json"))[-1].read_text())
+    except (IndexError, OSError, ValueError):
+        return {}
+    return {t["trial_id"]: t["status"] for t in (json.loads(e[0]) for e in data["trial_data"])}
+
+
+def _held(hold: Hold, name: str, folder: Path) -> str:
+    """The id of the trial ``hold`` keeps waiting at ``name``, once trials.json and Tune's
+    snapshot both hold it RUNNING (a resume then continues it, not starts it afresh)."""
+    _wait(lambda: hold.reached(name), 300, f"a trainer held at {name}")
+    running = lambda: [k for k, r in _trials(folder).items() if r["status"] == "RUNNING"]
+    _wait(lambda: len(running()) == 1 and _snapshot(folder).get(running()[0]) == "RUNNING", 60,
+          "the held trial RUNNING in trials.json and in Tune's snapshot")
+    return running()[0]
+
+
+def _ctrl_c(cmd, log: Path, until, what: str, env=None) -> tuple[int, str]:
     """Start the search, press Ctrl-C once ``until()`` holds; its exit status and output."""
-    driver = _start(cmd, log)
+    driver = _start(cmd, log, env=env)
     try:
         _wait(until, 300, what)
         os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
@@ -104,46 +124,51 @@ def _resume(cmd) -> subprocess.CompletedProcess:
 
 
 def test_resume_after_sigkill(tmp_path):
+    """SIGKILL to the driver and the Ray it started, while the third of four trials trains (held
+    there until Tune's snapshot holds it): the resume finishes exactly the four, the killed one
+    among them, and every record agrees."""
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
+    data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=4, max_concurrent=1, asha={"enabled": False})
-    cmd, folder = _search_cmd(tmp_path, data, "r", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    driver = _start(cmd, tmp_path / "first.log")
+    uri = fresh_store(tmp_path)
+    cmd, folder = _search_cmd(tmp_path, data, "r", uri)
+    hold = Hold(tmp_path / "hold")
+    hold.at("2-1")  # the third trainer, after its first epoch
+    driver = _start(cmd, tmp_path / "first.log", env=hold.env(_env()))
     try:
-        _wait(lambda: sum(r["status"] == "COMPLETED" for r in _trials(folder).values()) >= 2
-              and any(r["status"] == "RUNNING" for r in _trials(folder).values()), 300,
-              "two finished trials and a running one")
+        killed = _held(hold, "2-1", folder)
     finally:
         _stop(driver, signal.SIGKILL)  # the driver and the Ray it started, mid-search
     before = {k: r for k, r in _trials(folder).items() if r["status"] == "COMPLETED"}
-    assert driver.returncode != 0 and len(before) >= 2
+    assert driver.returncode == -signal.SIGKILL and len(before) == 2
+    assert _trials(folder)[killed]["status"] == "RUNNING"  # nothing could close it
 
-    resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = _resume(cmd)
     shown = resumed.stdout + resumed.stderr  # what the user sees: Ray's internals stay in its logs
     for noise in ("Traceback", "Failed to fetch metrics", "Error handling checkpoint"):
         assert noise not in shown, shown[-4000:]
     after = _trials(folder)
-    completed = sum(r["status"] == "COMPLETED" for r in after.values())
-    # Tune runs the 4 trials its last snapshot (every 2 s) knows of. A trial started after it
-    # cannot be resumed: closed as LOST if it was running, kept as it ended if it had finished
-    # (a 1-second trial can start and end between two snapshots): 4 or more, never fewer.
-    assert 4 <= completed <= 4 + len(before)  # an extra one is among those that ended before
-    assert all(r["status"] in ("COMPLETED", "LOST") for r in after.values())
+    # Tune's snapshot knew all three: the killed trial is trained again, the fourth is new
+    assert len(after) == 4 and all(r["status"] == "COMPLETED" for r in after.values()), after
+    assert after[killed]["epochs"] == 2
     numbers = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # not timings
-    for k, r in before.items():  # finished trials keep their results (Tune may re-run one it
-        assert numbers(after[k]["metrics"]) == numbers(r["metrics"])  # had not snapshotted)
+    for k, r in before.items():  # finished trials keep their results
+        assert numbers(after[k]["metrics"]) == numbers(r["metrics"])
     assert "best trial per method" in resumed.stdout
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{folder / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == completed  # the records agree
-    assert optuna.trial.TrialState.RUNNING not in states
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4  # agree
+    assert sorted(t.value for t in study.trials) == pytest.approx(
+        sorted(r["metrics"]["val/balanced_acc"] for r in after.values()))
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ltsearch").experiment_id
     runs = client.search_runs([exp])
     assert sum(r.data.tags.get("ltsearch.kind") == "search" for r in runs) == 1  # parent reused
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    finished = [r for r in runs if r.data.tags.get("ltsearch.kind") == "trial" and r.info.status == "FINISHED"]
-    assert len({r.data.tags["ltsearch.trial_id"] for r in finished}) == completed
+    trial_runs = {r.data.tags["ltsearch.trial_id"]: r for r in runs
+                  if r.data.tags.get("ltsearch.kind") == "trial"}
+    assert set(trial_runs) == set(after) and all(r.info.status == "FINISHED" for r in trial_runs.values())
+    steps = [m.step for m in client.get_metric_history(trial_runs[killed].info.run_id, "val/balanced_acc")]
+    assert sorted(steps) == [1, 2], steps  # its first epoch, trained again, is logged once
 
 
 @pytest.mark.cluster
@@ -152,6 +177,7 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
     """Trials run on both nodes; the worker node dies (SIGKILL to its raylet and workers); its
     trial continues from its last checkpoint on the head node, and nothing recorded is lost."""
     ray_port, mlflow_port = free_port(), free_port()
+    fresh_store(tmp_path, "srv.db")
     address = f"127.0.0.1:{ray_port}"
     procs = []
     try:
@@ -163,7 +189,8 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
                              str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
                             tmp_path / "mlflow.log"))
-        time.sleep(3)
+        _wait(lambda: subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=_env(),
+                                     capture_output=True).returncode == 0, 120, "the head node")
         procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0"],
                             tmp_path / "worker.log"))
@@ -217,32 +244,47 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
             _stop(p)
 
 
+def _interrupted_as_the_readme_says(uri: str, study, records: dict) -> None:
+    """After a stop: the parent run and each interrupted trial's run KILLED, each interrupted
+    trial WAITING in Optuna (told nothing, so a resume can still tell it its result)."""
+    client, exp = _nothing_running(uri)
+    runs = client.search_runs([exp])
+    assert [r.info.status for r in runs if r.data.tags.get("ltsearch.kind") == "search"] == ["KILLED"]
+    by_trial = {r.data.tags["ltsearch.trial_id"]: r.info.status for r in runs
+                if r.data.tags.get("ltsearch.kind") == "trial"}
+    interrupted = [k for k, r in records.items() if r["status"] == "INTERRUPTED"]
+    assert interrupted and all(by_trial[k] == "KILLED" for k in interrupted), by_trial
+    assert all(by_trial[k] == "FINISHED" for k, r in records.items() if r["status"] == "COMPLETED")
+    if study is not None:
+        waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+        assert len(waiting) == len(interrupted)
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t not in waiting)
+
+
 def test_ctrl_c_then_resume(tmp_path):
     """Ctrl-C used to exit 0 with the parent run FINISHED, the running Optuna trials FAIL and
     trials.json RUNNING; after --resume TPE never learned those trials' results."""
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
-    data["base"]["train"]["epochs"] = 4
+    data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "i", uri)
-    code, log = _ctrl_c(cmd, tmp_path / "first.log",
-                        lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
-                        and any(r["status"] == "RUNNING" and r["epochs"] >= 1 for r in _trials(folder).values()),
-                        "a finished trial and a running one")
+    hold = Hold(tmp_path / "hold")
+    hold.at("1-1")  # the second trial, after its first epoch
+    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached("1-1"),
+                        "the second trial after its first epoch", env=hold.env(_env()))
     assert code == 130, log[-3000:]
     assert "interrupted — continue with `ltsearch search" in log and "--resume" in log
     records = _trials(folder)
-    statuses = [r["status"] for r in records.values()]
-    assert "INTERRUPTED" in statuses and not set(statuses) - {"COMPLETED", "INTERRUPTED"}
+    assert sorted(r["status"] for r in records.values()) == ["COMPLETED", "INTERRUPTED"]
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert optuna.trial.TrialState.FAIL not in states and optuna.trial.TrialState.RUNNING not in states
+    _interrupted_as_the_readme_says(uri, study, records)
     client, exp = _nothing_running(uri)
 
     resumed = _resume(cmd)
     assert resumed.stdout.splitlines()[0] == (  # before Ray: what it resumes, where, how far it got
-        f"search i: resuming 3 trials over 2 methods ({statuses.count('COMPLETED')} ended), "
-        f"1 at a time, in {folder.resolve()}; starting a local Ray")
+        f"search i: resuming 3 trials over 2 methods (1 ended), 1 at a time, in {folder.resolve()}; "
+        "starting a local Ray")
     after = _trials(folder)
     assert len(after) == 3 and all(r["status"] == "COMPLETED" for r in after.values())
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
@@ -252,9 +294,11 @@ def test_ctrl_c_then_resume(tmp_path):
         sorted(r["metrics"]["val/balanced_acc"] for r in after.values()))
     runs = [r for r in client.search_runs([exp]) if r.data.tags.get("ltsearch.kind") == "trial"]
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert [r.info.status for r in client.search_runs([exp])
+            if r.data.tags.get("ltsearch.kind") == "search"] == ["FINISHED"]
     for r in runs:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/balanced_acc")]
-        assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once
+        assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
 def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
@@ -263,25 +307,23 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
     fewer seeds than the round it belongs to (with nothing of its own to run, it closed the
     interrupted run as lost). `--resume` reaches the same code (run_confirmation)."""
     data = tiny_search(method={"ce": {}})
-    data["base"]["train"]["epochs"] = 6  # a window of seconds to press Ctrl-C in
+    data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=1, max_concurrent=1, asha={"enabled": False},
                           confirm={"top": 1, "seeds": 2})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "c", uri)
-
-    def second_seed_running():
-        trials = list(_trials(folder).values())
-        own = [r["config"]["seed"] for r in trials if not r.get("confirm_of")]
-        return bool(own) and any(r.get("confirm_of") and r["status"] == "RUNNING" and r["epochs"] >= 1
-                                 and r["seed"] == own[0] + 2 for r in trials)
-
-    code, log = _ctrl_c(cmd, tmp_path / "first.log", second_seed_running,
-                        "the second seed's confirmation run past its first epoch")
+    hold = Hold(tmp_path / "hold")
+    hold.at("2-1")  # trainers: the trial, then a confirmation run per seed, one at a time
+    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached("2-1"),
+                        "the second seed's confirmation run after its first epoch", env=hold.env(_env()))
     assert code == 130 and "--resume" in log, log[-3000:]
     records = _trials(folder)
-    assert [r["status"] for r in records.values() if not r.get("confirm_of")] == ["COMPLETED"]
-    assert sorted(r["status"] for r in records.values() if r.get("confirm_of")) == ["COMPLETED",
-                                                                                    "INTERRUPTED"]
+    own = [r for r in records.values() if not r.get("confirm_of")]
+    assert [r["status"] for r in own] == ["COMPLETED"]
+    confirming = {r["seed"]: r["status"] for r in records.values() if r.get("confirm_of")}
+    seed = own[0]["config"]["seed"]
+    assert confirming == {seed + 1: "COMPLETED", seed + 2: "INTERRUPTED"}
+    _interrupted_as_the_readme_says(uri, None, records)
     client, exp = _nothing_running(uri)
 
     again = subprocess.run([str(BIN / "ltsearch"), "confirm", str(folder), "--top", "1", "--seeds", "1"],
@@ -298,7 +340,7 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
     for run in tagged:
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")]
-        assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps  # every epoch once
+        assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
 @pytest.mark.cluster
@@ -310,6 +352,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     not urllib3's line per retry, and the end does not wait on it again per call (it printed
     a warning per failed step, each after its own retries)."""
     port = free_port()
+    fresh_store(tmp_path, "srv.db")
     server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                   "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                   "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
@@ -424,6 +467,7 @@ def test_a_store_lost_as_a_trial_ends_fails_the_call_once(tmp_path, monkeypatch,
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port = free_port()
+    fresh_store(tmp_path, "srv.db")
     server = _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                      "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
                      "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
@@ -452,7 +496,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     data["base"]["train"]["epochs"] = 4
     data["search"].update(num_samples=6, max_concurrent=1, checkpoint_every=1,
                           asha={"rungs": [0.25, 1.0], "reduction_factor": 3})  # runs of 1 and 4 epochs
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
     done = subprocess.run(whole_cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -463,14 +507,19 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     later = [r for i, r in enumerate(order) if i >= 2 and len(r["rung_values"]) > 0
              and r["epochs"] > r["budgets"][0]]
     assert later, [(r["method"], r["status"], r["rung_values"]) for r in order]
-    method = later[0]["method"]
+    method, place = later[0]["method"], order.index(later[0])
 
     cmd, folder = _search_cmd(tmp_path, data, "cut", uri)
-    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: any(
-        r["method"] == method and r["status"] == "RUNNING" and 1 + 1 <= r["epochs"] < 1 + 4
-        for r in _trials(folder).values()), f"{method} in the middle of its full rung")
+    # a trainer per rung run: the earlier trials', then this one's rung 0; hold its full run
+    # (the next trainer) after its first epoch
+    name = f"{sum(len(r['rung_values']) for r in order[:place]) + 1}-1"
+    hold = Hold(tmp_path / "hold")
+    hold.at(name)
+    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached(name),
+                        f"{method} in the middle of its full rung", env=hold.env(_env()))
     assert code == 130, log[-3000:]
-    assert any(r["status"] == "INTERRUPTED" and r["rung"] == 1 for r in _trials(folder).values())
+    assert [r["method"] for r in _trials(folder).values() if r["status"] == "INTERRUPTED"
+            and r["rung"] == 1] == [method]
     _resume(cmd)
     after = {r["method"]: r for r in _trials(folder).values()}
     assert {m: r["status"] for m, r in after.items()} == {m: r["status"] for m, r in expected.items()}

@@ -40,6 +40,29 @@ def test_class_sampler_frequencies(name, theory):
     _check_frequencies(idx, labels, theory(COUNTS), n)
 
 
+def test_balanced_sampler_goes_round_the_classes_and_through_each_class_without_repeats():
+    """As the official class-aware samplers: every C draws hold each class once, and the draws
+    of a class go through all its images, in a shuffled order, before any repeats (drawing the
+    image with replacement, 10 draws of a class of 10 images repeat one 65 % of the time)."""
+    index, labels = _index()
+    n = 2 * sum(COUNTS) + 7
+    idx = make_sampler("balanced", index).draw(n, 0, 10, torch.Generator().manual_seed(0))
+    classes = labels[idx]
+    for r in range(n // len(COUNTS)):
+        assert sorted(classes[r * 5:(r + 1) * 5].tolist()) == list(range(5))
+    for c, count in enumerate(COUNTS):
+        mine = idx[classes == c].tolist()
+        assert len(mine) in (n // 5, n // 5 + 1)
+        passes = [mine[i:i + count] for i in range(0, len(mine), count)]
+        every = sorted(torch.nonzero(labels == c).flatten().tolist())
+        assert all(sorted(p) == every for p in passes[:-1])  # each pass: all the class's images
+        assert len(set(passes[-1])) == len(passes[-1])
+        if len(passes) > 2:  # the tail classes: 25 and 10 images, 259 draws each
+            assert passes[0] != passes[1]  # reshuffled for each pass
+    again = make_sampler("balanced", index).draw(n, 0, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)  # a function of the generator: resumes draw the same
+
+
 def test_reversed_is_proportional_to_inverse_count():
     index, _ = _index()
     p = make_sampler("reversed", index).class_probs(0, 1).numpy()
@@ -100,10 +123,14 @@ def test_focal_loss_formula():
     p_t = target * p + (1 - target) * (1 - p)
     expected = (-(1 - p_t) ** gamma * torch.log(p_t)).sum() * w[0]
     assert float(objective(_focal(gamma), logits, [(y, 1.0)], w)) == pytest.approx(float(expected), rel=1e-5)
-    # γ = 0 is the sigmoid loss
+    # γ = 0 is the sigmoid loss: binary cross-entropy per class, written out, summed
+    z = logits[0].tolist()
+    bce = [-math.log(1 / (1 + math.exp(-v))) if c == 0 else -math.log(1 - 1 / (1 + math.exp(-v)))
+           for c, v in enumerate(z)]
+    hand = sum(bce) * float(w[0])
     sigmoid = Sigmoid(None, torch.tensor(COUNTS, dtype=torch.float32))
-    assert float(objective(_focal(0.0), logits, [(y, 1.0)], w)) == pytest.approx(
-        float(objective(sigmoid, logits, [(y, 1.0)], w)), rel=1e-6)
+    assert float(objective(_focal(0.0), logits, [(y, 1.0)], w)) == pytest.approx(hand, rel=1e-6)
+    assert float(objective(sigmoid, logits, [(y, 1.0)], w)) == pytest.approx(hand, rel=1e-6)
 
 
 def test_focal_gradient_is_finite_when_saturated():

@@ -2,6 +2,7 @@
 starts or any run is created, an unreachable tracking server, concurrent first opens of one
 MLflow store."""
 import copy
+from pathlib import Path
 import socket
 import subprocess
 import sys
@@ -160,6 +161,35 @@ def test_two_searches_creating_one_fresh_store_at_once(tmp_path):
     again = subprocess.run([sys.executable, "-c", OPEN_STORE, uri], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.strip() == outs[0][0].strip()
+
+
+def _waiting_for_flock(path: Path) -> bool:
+    """Whether some process waits in flock() for ``path`` (``/proc/locks`` lists waiters with
+    ``->``)."""
+    inode = f":{path.stat().st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_the_first_open_of_a_store_waits_for_the_stores_lock(tmp_path):
+    """The lock itself, without a race's luck: while it is held, a first open waits in flock
+    and creates nothing; released, it creates the store and the experiment."""
+    import threading
+
+    from ltsearch.search.tracking import _store_lock, experiment_id
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    found = []
+    with _store_lock(uri):
+        opener = threading.Thread(target=lambda: found.append(experiment_id(uri, "ltsearch")))
+        opener.start()
+        lock = Path(str(db) + ".lock")
+        end = time.monotonic() + 60
+        while not _waiting_for_flock(lock) and opener.is_alive() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _waiting_for_flock(lock) and not db.exists()
+    opener.join(60)
+    assert found and db.exists()
 
 
 def test_reading_a_finished_search_needs_neither_ray_nor_mlflow():

@@ -1,11 +1,19 @@
 """Index generators on the device: one call draws a whole epoch of indices.
 
 Class-level samplers pick a class c with probability p_c, then an image of that class uniformly:
-- class-balanced: p_c = 1/C;
+- class-balanced: p_c = 1/C, drawn as the official class-aware samplers do (classifier-balancing's
+  ``data/ClassAwareSampler.py``, MiSLAS's ``datasets/sampler.py``): classes in round-robin over
+  an order shuffled every C draws, each class's images cycled in an order shuffled each time they
+  are used up, so every image of a class appears before any repeats;
 - square-root: p_c ∝ n_c^½ (Mahajan et al. 2018);
 - reversed: p_c ∝ w_c = n_max / n_c, i.e. ∝ 1/n_c (BBN, Zhou et al. 2020, Eq. 1);
 - progressive: p_c(t) = (1 − t/T)·n_c/N + (t/T)·1/C (Kang et al., ICLR 2020), t the epoch.
 The instance sampler shuffles the whole set (p_c = n_c / N, without replacement).
+
+Deviations: an epoch draws as many images as the set holds (the official class-aware sampler:
+C · n_max), and the cycles start afresh each epoch (randomness comes from (seed, epoch), so a
+resumed run draws what an uninterrupted one does). The other class-level samplers draw the image
+with replacement, as BBN's reversed sampler does (``random.choice`` in its ``imbalance_cifar.py``).
 """
 from __future__ import annotations
 
@@ -28,6 +36,26 @@ class ClassIndex:
         u = torch.rand(len(classes), device=classes.device, generator=gen)
         offset = (u * self.counts[classes]).long().clamp_max(self.counts[classes] - 1)
         return self.order[self.starts[classes] + offset]
+
+    def cycle_in_classes(self, classes: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """An image for each class drawn: the k-th draw of class c takes the (k mod n_c)-th
+        image of an order of c's images shuffled afresh for each pass over them."""
+        device = classes.device
+        counts = self.counts
+        occurrences = torch.bincount(classes, minlength=self.num_classes)
+        by_class = torch.argsort(classes, stable=True)
+        rank = torch.empty_like(classes)  # how many earlier draws took the same class
+        rank[by_class] = (torch.arange(len(classes), device=device)
+                          - (torch.cumsum(occurrences, 0) - occurrences)[classes[by_class]])
+        passes = -(-occurrences // counts)  # per class: how many shuffled orders it needs
+        length = counts.repeat_interleave(passes)  # one segment per (class, pass)
+        start = torch.cumsum(length, 0) - length
+        segment = torch.arange(len(length), device=device).repeat_interleave(length)
+        keys = torch.argsort(torch.rand(len(segment), device=device, generator=gen))
+        shuffled = keys[torch.argsort(segment[keys], stable=True)] - start[segment]
+        first_segment = torch.cumsum(passes, 0) - passes
+        place = start[first_segment[classes] + rank // counts[classes]] + rank % counts[classes]
+        return self.order[self.starts[classes] + shuffled[place]]
 
 
 class Sampler:
@@ -65,6 +93,12 @@ class BalancedSampler(Sampler):
     def class_probs(self, epoch, total_epochs):
         return torch.full((self.index.num_classes,), 1.0 / self.index.num_classes,
                           device=self.index.counts.device)
+
+    def draw(self, n, epoch, total_epochs, gen):
+        C = self.index.num_classes
+        device = self.index.order.device
+        rounds = [torch.randperm(C, device=device, generator=gen) for _ in range(-(-n // C))]
+        return self.index.cycle_in_classes(torch.cat(rounds)[:n], gen)
 
 
 class SqrtSampler(Sampler):

@@ -1,0 +1,68 @@
+"""Tests' pause for real trials, loaded in every process the tests start (``PYTHONPATH``; Ray's
+workers inherit it), active only where ``LTSEARCH_TEST_HOLD`` names a folder. A test stops a
+driver at a state it names instead of guessing a window in seconds.
+
+Each trainer a process builds takes the next ordinal of the folder (``trainer-0``, ``trainer-1``,
+… created exclusively, so numbers are unique across processes). Before epoch ``E`` (0-based, so
+after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
+``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix). Delete the hold file
+to let it go on; nothing waits where the folder has none."""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import time
+
+FOLDER = os.environ.get("LTSEARCH_TEST_HOLD")
+
+
+def _patch(module):
+    Trainer = module.Trainer
+    init, train_epoch = Trainer.__init__, Trainer.train_epoch
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        i = 0
+        while True:
+            try:
+                os.close(os.open(os.path.join(FOLDER, f"trainer-{i}"), os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                i += 1
+        self._test_ordinal = i
+
+    def held(self):
+        for name in (f"{self._test_ordinal}-{self.epoch}", f"seed{self.cfg.seed}-{self.epoch}"):
+            hold = os.path.join(FOLDER, f"hold-{name}")
+            if os.path.exists(hold):
+                open(os.path.join(FOLDER, f"held-{name}"), "w").close()
+                while os.path.exists(hold):
+                    time.sleep(0.05)
+
+    def _train_epoch(self):
+        held(self)
+        return train_epoch(self)
+
+    Trainer.__init__, Trainer.train_epoch = __init__, _train_epoch
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "ltsearch.trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def run(module):
+            exec_module(module)
+            _patch(module)
+
+        loader.exec_module = run
+        return spec
+
+
+if FOLDER:
+    sys.meta_path.insert(0, _Finder())
