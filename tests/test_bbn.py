@@ -129,3 +129,23 @@ def test_bbn_with_any_branch_loss(digits_data):
     cfg = make_config({"name": "bbn", "loss": {"name": "balanced_softmax"}})
     result = Trainer(cfg, digits_data).fit()
     assert result.status == "finished" and result.metrics["val/balanced_acc"] > 0.3
+
+
+def test_bbn_loss_is_eq_3_alpha_on_the_conventional_target_one_minus_on_the_reversed(digits_data):
+    """Zhou et al. 2020, Eq. 3: L = α·E(ẑ, y_c) + (1 − α)·E(ẑ, y_r), ẑ the mixed logits of the
+    two branches' inputs; the step's α comes from the epoch's schedule."""
+    import torch.nn.functional as F
+
+    from ltsearch.recipes import Batch
+
+    cfg = make_config({"name": "bbn", "arch": {"schedule": "parabolic_decay"}}, train={"epochs": 4})
+    t = Trainer(cfg, digits_data)
+    t.method.start_epoch(t.phases[0], 1, 3, np.random.default_rng(0))  # α = 1 − (2/4)² = 0.75
+    g = torch.Generator().manual_seed(0)
+    conv = Batch(*t.train_set.batch(torch.arange(0, 16), g))
+    rebal = Batch(*t.train_set.batch(torch.arange(200, 216), g))
+    loss = t.method.loss(t.model, [conv, rebal], t.phases[0], 1, 0)
+    z = t.model(conv.x, rebal.x, torch.tensor(0.75))
+    expected = 0.75 * F.cross_entropy(z, conv.y) + 0.25 * F.cross_entropy(z, rebal.y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not torch.equal(conv.y, rebal.y)  # the two targets differ, so the weights matter

@@ -222,3 +222,42 @@ def test_unpacking_an_archive_with_either_tool(tmp_path, monkeypatch, system_tar
     with pytest.raises(Exception, match="escaped.txt|outside"):
         unpack(bad, tmp_path / "out2")
     assert not (tmp_path / "escaped.txt").exists() and list((tmp_path / "out2").iterdir()) == []
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    import torch
+
+    from ltsearch.data.device import random_crop
+
+    x = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert len(found) == 1
+        offsets.append(found[0])
+    assert len(set(offsets)) > 10  # offsets drawn per image (25 possible)
+    assert torch.equal(random_crop(x, 2, torch.Generator().manual_seed(0)), out)
+
+
+def test_flip_takes_about_half_the_images_mirrored(digits_data):
+    import torch
+
+    from ltsearch.data.device import DeviceImages, channel_stats
+
+    mean, std = channel_stats(digits_data.train)
+    plain = DeviceImages(digits_data.train, torch.device("cpu"), mean, std)
+    flipping = DeviceImages(digits_data.train, torch.device("cpu"), mean, std, hflip=True)
+    idx = torch.arange(len(plain))
+    x, _ = plain.batch(idx)
+    f, y = flipping.batch(idx, torch.Generator().manual_seed(0))
+    same = [torch.equal(f[i], x[i]) for i in range(len(x))]
+    mirrored = [torch.equal(f[i], x[i].flip(2)) for i in range(len(x))]
+    assert all(s or m for s, m in zip(same, mirrored))
+    symmetric = sum(s and m for s, m in zip(same, mirrored))
+    n = len(x) - symmetric
+    share = (sum(mirrored) - symmetric) / n
+    assert abs(share - 0.5) <= 5 * (0.25 / n) ** 0.5  # 5 σ of a fair coin over n images
+    assert torch.equal(flipping.batch(idx, augment=False)[0], x)  # evaluation: never flipped

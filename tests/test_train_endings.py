@@ -101,3 +101,45 @@ def test_data_error_writes_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["train", str(_write(tmp_path, cfg)), "--out", str(out)]) == 2
     assert "data folder not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_divergence_exits_1_naming_the_epoch_and_keeps_the_metrics(tmp_path, capsys):
+    cfg = {**CFG, "train": {**CFG["train"], "lr": 1e30}}
+    out = tmp_path / "o"
+    assert main(["train", str(_write(tmp_path, cfg)), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: non-finite training loss") and "epoch 1" in err[0]
+    import json
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["epochs"] == 1
+
+
+def test_checkpoint_every_n_epochs_holds_the_last_multiple(tmp_path, capsys, monkeypatch):
+    cfg = {**CFG, "train": {**CFG["train"], "epochs": 3}}
+    out = tmp_path / "o"
+    seen = []
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):  # the epoch each checkpoint holds, as it is written
+        seen.append(obj["epoch"])
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", str(_write(tmp_path, cfg)), "--out", str(out), "--checkpoint-every", "2"]) == 0
+    monkeypatch.undo()
+    assert seen == [2]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert main(["train", str(_write(tmp_path, cfg)), "--out", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none" / "checkpoint.pt").exists()  # not asked: none written
+
+
+def test_time_limit_stops_after_the_epoch_that_passes_it_and_tests(tmp_path, capsys):
+    cfg = {**CFG, "train": {**CFG["train"], "epochs": 50}}
+    out = tmp_path / "o"
+    assert main(["train", str(_write(tmp_path, cfg)), "--out", str(out), "--time-limit", "0.0001"]) == 0
+    said = capsys.readouterr().out
+    assert "stopped by the time limit after 1 of 50 epochs" in said
+    import json
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "stopped" and metrics["epochs"] == 1
+    assert "test/top1" in metrics["metrics"]  # evaluated on test where it stopped
