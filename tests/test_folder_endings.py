@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_search
+from conftest import fresh_store, tiny_search
 from ltsearch.cli import main
 
 BIN = Path(sys.executable).parent
@@ -38,7 +38,7 @@ def finished(tmp_path_factory):
     pruned), tracked in sqlite; tests work on copies of its folder."""
     tmp = tmp_path_factory.mktemp("finished")
     path = _search_file(tmp)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp)
     done = subprocess.run([str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp / "searches"),
                            "--name", "f", "--tracking-uri", uri], env=ENV, capture_output=True,
                           text=True, timeout=400)
@@ -345,7 +345,7 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path):
     """`kill -TERM` of the driver (what `timeout`, Slurm and Kubernetes send) used to exit 134
     from Ray's fatal-signal handler with stack dumps, runs left RUNNING and no summary."""
     path = _search_file(tmp_path, num_samples=3, asha={"enabled": False})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path)
     cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
            "--name", "t", "--tracking-uri", uri]
     folder = tmp_path / "searches" / "t"
@@ -408,7 +408,7 @@ def test_a_full_disk_ends_like_a_driver_error(tmp_path):
         pytest.skip("mounting a tmpfs is not allowed here")
     try:
         path = _search_file(tmp_path, num_samples=3, asha={"enabled": False})
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the store is on another disk
+        uri = fresh_store(tmp_path)  # the store is on another disk
         cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(disk), "--name", "d",
                "--tracking-uri", uri]
         folder = disk / "d"

@@ -5,13 +5,14 @@ import json
 import os
 import shutil
 import statistics
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, tiny_search
+from conftest import free_port, fresh_store, tiny_search
 from ltsearch.cli import main
 from ltsearch.config import ConfigError
 from ltsearch.search.records import TrialRecords, pareto_front
@@ -32,7 +33,7 @@ def confirmed(ray_local, tmp_path_factory):
                                "reweight": {}})
     data["search"].update(num_samples=5, confirm={"top": 1, "seeds": 2}, report=True)
     space = parse_search_file(data)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp)
     outcome = run_search(space, name="conf", storage=tmp / "searches", tracking_uri=uri)
     return outcome, space, tmp
 
@@ -196,11 +197,17 @@ def test_the_report_opens_in_a_real_browser_with_every_figure(confirmed, tmp_pat
     images, _, _, errors = _open_in_chromium(broken, tmp_path)
     assert sum(i["width"] == 0 for i in images) == 1 and errors
 
+
+def test_the_search_attaches_its_page_and_figures_to_its_run(confirmed):
+    """Where Chromium is absent too: the page and each figure, as files of the parent run."""
+    outcome, _, _ = confirmed
     client = MlflowClient(outcome.tracking_uri)
     assert REPORT_PAGE in [a.path for a in client.list_artifacts(outcome.parent_run_id)]
     figures = sorted(a.path for a in client.list_artifacts(outcome.parent_run_id, FIGURES))
     assert figures == sorted(f"{FIGURES}/{p.name}" for p in (outcome.folder / FIGURES).glob("*.png"))
     assert len(figures) == 5
+    local = client.download_artifacts(outcome.parent_run_id, REPORT_PAGE, str(outcome.folder.parent / "dl"))
+    assert Path(local).read_bytes() == (outcome.folder / REPORT_PAGE).read_bytes()
 
 
 def test_pareto_front_against_hand_worked_points():
@@ -279,7 +286,7 @@ def test_objectives_are_checked_before_anything_runs():
         assert e.value.key == key and words in e.value.message
 
 
-def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys):
+def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys, digits_data):
     outcome, _, _ = confirmed
     page = outcome.folder / REPORT_PAGE
     page.unlink()
@@ -289,7 +296,7 @@ def test_report_command_writes_the_page_and_attaches_it(confirmed, capsys):
     assert str(page) in out and "attached to the search's run" in out
     assert page.is_file() and len(list((outcome.folder / FIGURES).glob("*.png"))) == 5
     info = json.loads((outcome.folder / "search.json").read_text())
-    assert info["counts"] == sorted(info["counts"], reverse=True) and info["tracking"] == "mlflow"
+    assert info["counts"] == digits_data.counts and info["tracking"] == "mlflow"  # the search's data
 
 
 def test_the_page_is_written_when_the_tracking_server_is_down(confirmed, capsys):

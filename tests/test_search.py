@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_search
+from conftest import fresh_store, tiny_search
 from ltsearch.cli import main
 from ltsearch.search.run import run_search
 from ltsearch.search.space import parse_search_file
@@ -27,7 +27,7 @@ def search(ray_local, tmp_path_factory):
                                            "k": {"int": [1, 3]}, "epochs": 1}}})
     data["search"].update(num_samples=8, max_concurrent=1)  # sequential: ASHA sees a fixed order
     space = parse_search_file(data)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp)
     outcome = run_search(space, name="tiny", storage=tmp / "searches", tracking_uri=uri, verbose=0)
     return outcome, space, tmp
 
@@ -94,7 +94,8 @@ def test_records_and_leaderboard(search):
             assert r["rung_values"][-1] == r["metrics"]["val/balanced_acc"]
             assert "test/top1" in r["metrics"]
     assert "method" in outcome.leaderboard and (outcome.folder / "leaderboard.txt").is_file()
-    assert {r["method"] for r in trials.values()} == {"ce", "reweight", "feature_aug"}  # each tried
+    first = sorted(trials.values(), key=lambda r: r["started_at"])[:3]  # cover_methods: each
+    assert sorted(r["method"] for r in first) == ["ce", "feature_aug", "reweight"]  # method first
     assert outcome.best_config is not None and outcome.best_config.is_file()
 
 
@@ -206,7 +207,7 @@ def test_bbn_trials_with_different_schedules(ray_local, tmp_path):
     data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=4, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="bbn", storage=tmp_path / "s",
-                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
+                         tracking_uri=fresh_store(tmp_path), verbose=0)
     client, runs = _child_runs(outcome)
     assert len(runs) == 4 and all(r.data.tags["method"] == "bbn" for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -230,7 +231,7 @@ def test_search_over_parts_names_composed_trials(ray_local, tmp_path):
     data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=3, asha={"enabled": False})
     outcome = run_search(parse_search_file(data), name="parts", storage=tmp_path / "s",
-                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0)
+                         tracking_uri=fresh_store(tmp_path), verbose=0)
     client, runs = _child_runs(outcome)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:

@@ -10,7 +10,6 @@ from conftest import make_config
 from ltsearch.cli import main
 from ltsearch.metrics import classification_metrics, describe_groups, shot_groups
 from ltsearch.models import ImageClassifier, build_body
-from ltsearch import trainer as trainer_module
 from ltsearch.trainer import Trainer
 
 # Each recipe, with what shows its parts acted, against plain cross-entropy at the same seed
@@ -104,9 +103,6 @@ def test_crt_resumed_inside_its_stage_keeps_the_classifier_it_trained(digits_dat
 def test_tau_norm_and_posthoc_act_at_evaluation_only(digits_data, ce_run):
     """τ-norm trains nothing and drops the bias; post-hoc adjustment subtracts τ·log prior at
     evaluation: the reported predictions are those of the hand-computed logits."""
-    from ltsearch.metrics import classification_metrics
-    from ltsearch.data.device import DeviceImages, channel_stats
-
     cfg = make_config({"name": "custom", "stage2": {"name": "tau_norm", "tau": 0.7},
                        "posthoc": {"logit_adjust": 0.5}})
     t = Trainer(cfg, digits_data)
