@@ -147,3 +147,10 @@ class Hold:
 
     def release(self, name: str) -> None:
         (self.folder / f"hold-{name}").unlink(missing_ok=True)
+
+    def fault(self, name: str) -> None:
+        """Arm a fault that fires once: ``fail-<ordinal>-<epoch>`` or ``driver-fault``."""
+        (self.folder / name).touch()
+
+    def fired(self, name: str) -> bool:
+        return not (self.folder / name).exists()

@@ -252,15 +252,69 @@ def test_mislas_trains_classifier_and_scales(digits_data):
 
 @pytest.mark.parametrize("every", ["epoch", "step"])
 def test_weight_balancing_projects_rows(digits_data, every):
+    """MaxNorm as the official ``MaxNorm_via_PGD``: the radius is set once, from the rows' norms
+    at the stage start, and kept; rows are projected after each epoch (official) or each step;
+    the bias is never touched by the projection."""
     cfg = make_config({"name": "weight_balancing",
-                       "stage2": {"epochs": 1, "lr": 0.5, "thresh": 0.0, "every": every}})
+                       "stage2": {"epochs": 2, "lr": 0.5, "thresh": 0.3, "every": every}})
     t = Trainer(cfg, digits_data)
     t.fit(max_epochs=2)
-    norms = t.model.classifier.weight.detach().norm(dim=1)
+    radius = maxnorm_radius(t.model.classifier.weight.detach(), 0.3)
+    stage, step_norms, epoch_norms, radii = t.method.stage2, [], [], []
+    after_step, end_epoch = stage.after_step, stage.end_epoch
+
+    def on_step():
+        after_step()
+        step_norms.append(float(t.model.classifier.weight.detach().norm(dim=1).max()))
+
+    def on_epoch():
+        bias = t.model.classifier.bias.detach().clone()
+        end_epoch()
+        assert torch.equal(t.model.classifier.bias, bias)  # the projection leaves the bias free
+        epoch_norms.append(float(t.model.classifier.weight.detach().norm(dim=1).max()))
+        radii.append(float(stage.radius))
+
+    stage.after_step, stage.end_epoch = on_step, on_epoch
     t.fit()
-    after = t.model.classifier.weight.detach().norm(dim=1)
-    assert float(after.max()) <= float(norms.min()) + 1e-5  # thresh 0: every row at most min norm
+    r = float(radius)
+    assert radii == [pytest.approx(r)] * 2  # from the stage start, not recomputed per epoch
+    assert all(n <= r + 1e-5 for n in epoch_norms)
+    if every == "step":
+        assert all(n <= r + 1e-5 for n in step_norms)
+    else:  # between projections the rows grow past the radius (lr 0.5)
+        assert any(n > r + 1e-3 for n in step_norms)
     assert t.cfg.train.weight_decay == 5e-3  # the preset's stage-1 weight decay
+
+
+def test_weight_balancings_stage_has_weight_decay_01_and_a_class_balanced_loss(digits_data):
+    t = Trainer(make_config({"name": "weight_balancing", "stage2": {"epochs": 1}}), digits_data)
+    t.fit(max_epochs=2)
+    t._enter_phase(1, resumed=False)  # what train_epoch does at the phase boundary
+    assert {g["weight_decay"] for g in t.optimizer.param_groups} == {0.1}
+    assert {id(p) for g in t.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in t.model.classifier.parameters()}
+    stage = t.method.stage2
+    w = class_weights(digits_data.counts, "effective", 0.9999)
+    torch.testing.assert_close(stage.weights, w)
+    x, y = t.train_set.batch(torch.arange(32), augment=False)
+    from ltsearch.recipes import Batch
+    loss = stage.loss(t.model, [Batch(x, y)], 0, 0)
+    expected = (w[y] * F.cross_entropy(t.model(x), y, reduction="none")).sum() / len(y)  # Cui et al.
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mislas_preset_smooths_as_its_cifar10_config(digits_data):
+    """MiSLAS's CIFAR-10-LT configs: label-aware smoothing 0.3 on the largest class to 0.0 on
+    the rarest, concave, against the official LabelAwareSmoothing on the preset's loss."""
+    t = Trainer(make_config({"name": "mislas", "stage2": {"epochs": 1}}), digits_data)
+    las = t.method.stage2.loss_fn
+    counts = torch.tensor(digits_data.counts)
+    assert las.smooth[counts.argmax()] == pytest.approx(0.3) and las.smooth[counts.argmin()] == pytest.approx(0.0)
+    logits = torch.randn(12, 10, generator=torch.Generator().manual_seed(0)) * 3
+    y = torch.arange(12) % 10
+    official, smooth = _official_las(logits, y, digits_data.counts, 0.3, 0.0, "concave")
+    torch.testing.assert_close(las.smooth, smooth, rtol=1e-5, atol=1e-6)
+    assert float(objective(las, logits, [(y, 1.0)])) == pytest.approx(float(official), rel=1e-5)
 
 
 # --- fidelity fixes ------------------------------------------------------------------------------
@@ -284,7 +338,7 @@ def test_bbn_branches_start_independent():
         assert float(b.detach().std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.15)
 
 
-def test_cli_epochs_scales_epoch_valued_knobs(tmp_path):
+def test_cli_epochs_scales_epoch_valued_knobs(tmp_path, capsys):
     """Fidelity fix 5: `--epochs` on a DRW config with an absolute start at 160 of 200 used to
     train plain cross-entropy; absolute epochs now scale with the run and are re-validated."""
     cfg = {"data": {"source": "digits", "augment": {"crop_pad": 0, "hflip": False}},
@@ -303,7 +357,10 @@ def test_cli_epochs_scales_epoch_valued_knobs(tmp_path):
     # a value the scaled run cannot hold is refused, naming the key
     cfg["method"]["weights"]["start"] = 199
     path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
     assert main(["train", str(path), "--out", str(tmp_path / "x"), "--epochs", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: method.weights.start"), err
     bbn = {**cfg, "method": {"name": "bbn", "arch": {"schedule": "separated", "switch_epoch": 120}}}
     path.write_text(yaml.safe_dump(bbn))
     assert main(["train", str(path), "--out", str(tmp_path / "b"), "--epochs", "5",

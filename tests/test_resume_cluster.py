@@ -201,3 +201,71 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     study = optuna.load_study(study_name="cut", storage=f"sqlite:///{folder / 'optuna.db'}")
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     assert pruned == sum(r["status"] == "PRUNED" for r in after.values())
+
+
+def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path):
+    """The endings table's row: a fault in the driver (here raised in its search callback as a
+    trial reports) exits 1 with one line naming it; the running trial is INTERRUPTED, WAITING in
+    Optuna, its run KILLED and the parent FAILED; `--resume` finishes the search."""
+    data = tiny_search(method={"ce": {}})
+    data["search"].update(num_samples=1, max_concurrent=1, asha={"enabled": False})
+    uri = fresh_store(tmp_path)
+    cmd, folder = _search_cmd(tmp_path, data, "e", uri)
+    hold = Hold(tmp_path / "hold")
+    hold.at("0-1")
+    driver = _start(cmd, tmp_path / "first.log", env=hold.env(_env()))
+    try:
+        _held(hold, "0-1", folder)
+        hold.fault("driver-fault")  # fires at the trial's next report
+        hold.release("0-1")
+        driver.wait(300)
+    finally:
+        _stop(driver)
+    log = (tmp_path / "first.log").read_text()
+    assert driver.returncode == 1, log[-3000:]
+    assert hold.fired("driver-fault") and "Traceback" not in log
+    assert "error: the search stopped: RuntimeError: a fault in the driver, caused by the tests" in log
+    records = _trials(folder)
+    assert [r["status"] for r in records.values()] == ["INTERRUPTED"]
+    study = optuna.load_study(study_name="e", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.WAITING]
+    client, exp = _nothing_running(uri)
+    runs = {r.data.tags.get("ltsearch.kind"): r.info.status for r in client.search_runs([exp])}
+    assert runs == {"search": "FAILED", "trial": "KILLED"}
+
+    _resume(cmd)
+    assert [r["status"] for r in _trials(folder).values()] == ["COMPLETED"]
+    runs = {r.data.tags.get("ltsearch.kind"): r.info.status for r in client.search_runs([exp])}
+    assert runs == {"search": "FINISHED", "trial": "FINISHED"}
+
+
+def test_a_trial_that_raises_is_retried_from_its_checkpoint_then_fails_for_good(tmp_path):
+    """``max_failures: 1``: the first trial crashes after its first epoch and its retry goes on
+    from the checkpoint, every epoch logged once; the second crashes again in its retry and
+    ends FAILED, its error in trials.json and as the run's ``error`` tag."""
+    data = tiny_search(method={"ce": {}})
+    data["base"]["train"]["epochs"] = 2
+    data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False},
+                          checkpoint_every=1, max_failures=1)
+    uri = fresh_store(tmp_path)
+    cmd, folder = _search_cmd(tmp_path, data, "f", uri)
+    hold = Hold(tmp_path / "hold")
+    # trainers: the first trial, its retry; the second trial, its retry (each from epoch 1)
+    for name in ("fail-0-1", "fail-2-1", "fail-3-1"):
+        hold.fault(name)
+    done = subprocess.run(cmd, env=hold.env(_env()), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(hold.fired(n) for n in ("fail-0-1", "fail-2-1", "fail-3-1"))
+    first, second = sorted(_trials(folder).values(), key=lambda r: r["started_at"])
+    assert first["status"] == "COMPLETED" and first["epochs"] == 2
+    assert second["status"] == "FAILED" and "a trial's crash, caused by the tests" in second["error"]
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{folder / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
+    client = MlflowClient(uri)
+    runs = {r.data.tags["ltsearch.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("ltsearch").experiment_id], "tags.`ltsearch.kind` = 'trial'")}
+    assert runs[first["trial_id"]].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[first["trial_id"]].info.run_id, "val/balanced_acc")]
+    assert sorted(steps) == [1, 2]  # the retry continued: epoch 1 not logged again
+    assert runs[second["trial_id"]].info.status == "FAILED"
+    assert "a trial's crash, caused by the tests" in runs[second["trial_id"]].data.tags["error"]

@@ -136,7 +136,9 @@ def test_failed_trial_is_marked_and_search_completes(search):
     assert failed, "no trial diverged (lr 1e30 was never drawn)"
     assert all(r["config"]["train"]["lr"] == 1e30 for r in failed)
     assert all("non-finite training loss" in (r["error"] or "") for r in failed)
-    client = MlflowClient(outcome.tracking_uri)
+    client, runs = _child_runs(outcome, " and attributes.status = 'FAILED'")
+    assert sorted(r.data.tags["ltsearch.trial_id"] for r in runs) == sorted(r["trial_id"] for r in failed)
+    assert all("non-finite training loss" in r.data.tags["error"] for r in runs)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
 

@@ -165,8 +165,18 @@ def test_searched_augmentation_reaches_the_trial_config():
     """The augmentation is the one data key a search may vary: the trainer applies it per trial."""
     space = parse_search_file(_file(data={"augment": {"choice": [{"crop_pad": 0, "hflip": False},
                                                                  {"crop_pad": 2, "hflip": True}]}}))
-    cfg = space.trial_config({"method": "ce", "data.augment": {"crop_pad": 2, "hflip": True}})
-    assert cfg["data"]["augment"] == {"crop_pad": 2, "hflip": True}
+    from ltsearch.data import build_data
+    from ltsearch.runconfig import config_from_dict
+    from ltsearch.trainer import Trainer
+
+    for given in ({"crop_pad": 2, "hflip": True}, {"crop_pad": 0, "hflip": False}):
+        cfg = space.trial_config({"method": "ce", "data.augment": given})
+        assert cfg["data"]["augment"] == given
+        cfg["train"]["device"] = "cpu"
+        run = config_from_dict(cfg)
+        trainer = Trainer(run, build_data(run.data))
+        assert (trainer.train_set.crop_pad, trainer.train_set.hflip) == (given["crop_pad"], given["hflip"])
+        assert (trainer.val_set.crop_pad, trainer.val_set.hflip) == (0, False)  # never on evaluation
 
 
 def test_a_preset_searched_at_its_defaults_is_checked_against_the_counts_too():

@@ -143,3 +143,23 @@ def test_time_limit_stops_after_the_epoch_that_passes_it_and_tests(tmp_path, cap
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "stopped" and metrics["epochs"] == 1
     assert "test/top1" in metrics["metrics"]  # evaluated on test where it stopped
+
+
+@pytest.mark.parametrize("every,due", [(None, [False, True, False, True, False]),
+                                       (2, [False, True, False, True, True])])
+def test_trial_checkpoints_by_time_or_by_epochs(monkeypatch, every, due):
+    """By default a trial saves once 60 s of its time passed since its last save, never at its
+    end (a finished trial is not resumed); ``checkpoint_every: N`` every N epochs and at the end.
+    Epochs 1–5 of 5 at 30, 61, 90, 125 and 130 s, a save at each due one."""
+    from ltsearch.search import trial
+
+    now = [0.0]
+    monkeypatch.setattr(trial.time, "monotonic", lambda: now[0])
+    policy = trial.CheckpointPolicy(every, 60.0)
+    said = []
+    for epoch, t in zip(range(1, 6), (30, 61, 90, 125, 130)):
+        now[0] = t
+        said.append(policy.due(epoch, 5))
+        if said[-1]:
+            policy.saved()
+    assert said == due

@@ -261,7 +261,9 @@ def test_cli_train_writes_metrics_and_config(tmp_path, capsys):
     assert "epoch   1/2" in out and "epoch   2/2" in out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["epochs"] == 2
-    assert 0 <= metrics["metrics"]["test/top1"] <= 1
+    confusion = np.asarray(metrics["metrics"]["test/confusion"])
+    assert metrics["metrics"]["test/top1"] == pytest.approx(np.trace(confusion) / confusion.sum())
+    assert metrics["history"][-1]["test/top1"] == metrics["metrics"]["test/top1"]
     copy = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert copy["method"]["name"] == "reweight" and copy["method"]["loss"] == {"name": "ce"}
     assert copy["method"]["weights"] == {"scheme": "sqrt", "beta": 0.9999, "start": "always",

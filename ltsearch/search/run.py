@@ -184,15 +184,18 @@ def _run_checked(search: Search, address: Optional[str], verbose: int, confirm_o
 def _own_cause(e: Exception) -> Exception:
     """Tune wraps what our callbacks raise in a TuneError whose message is the whole
     traceback; a lost tracking store (a TrackingError, one line by design) and a disk that
-    failed (an OSError: full, gone) are shown as themselves."""
+    failed (an OSError: full, gone) are shown as themselves, and so is whatever else a
+    TuneError wraps (the first exception of its chain)."""
     if isinstance(e.__context__, TrackingError):
         return e.__context__
-    seen = e
-    while seen is not None:
+    chain, seen = [], e
+    while seen is not None and seen not in chain:
         if isinstance(seen, OSError):
             return seen
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return e
+    log.debug("the search stopped", exc_info=e)  # the whole traceback, for debug logging
+    return chain[-1] if type(e).__name__ == "TuneError" else e
 
 
 def _work_left(search: Search, confirm_only: bool) -> bool:
@@ -838,7 +841,7 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     if isinstance(cause, OSError) and cause.strerror:
         said = f"{type(cause).__name__}: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
     else:
-        said = f"{type(cause).__name__}: {cause}"
+        said = _one_line(cause)
     print(f"error: the search stopped: {said}\n  {then}", file=sys.stderr)
     return 1
 

@@ -6,7 +6,12 @@ Each trainer a process builds takes the next ordinal of the folder (``trainer-0`
 … created exclusively, so numbers are unique across processes). Before epoch ``E`` (0-based, so
 after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
 ``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix). Delete the hold file
-to let it go on; nothing waits where the folder has none."""
+to let it go on; nothing waits where the folder has none.
+
+Faults the tests cannot cause otherwise, each once (the file is removed as it fires): before
+epoch ``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
+retried); the driver's search callback raises on a trial's result where ``driver-fault`` exists
+(a bug in the driver)."""
 import importlib.abc
 import importlib.machinery
 import os
@@ -41,14 +46,36 @@ def _patch(module):
 
     def _train_epoch(self):
         held(self)
+        _fire(f"fail-{self._test_ordinal}-{self.epoch}", "a trial's crash")
         return train_epoch(self)
 
     Trainer.__init__, Trainer.train_epoch = __init__, _train_epoch
 
 
+def _fire(name, what):
+    try:
+        os.remove(os.path.join(FOLDER, name))
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"{what}, caused by the tests ({name})")
+
+
+def _patch_callbacks(module):
+    on_trial_result = module.SearchCallback.on_trial_result
+
+    def _on_trial_result(self, *args, **kwargs):
+        _fire("driver-fault", "a fault in the driver")
+        return on_trial_result(self, *args, **kwargs)
+
+    module.SearchCallback.on_trial_result = _on_trial_result
+
+
+PATCHES = {"ltsearch.trainer": _patch, "ltsearch.search.callbacks": _patch_callbacks}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "ltsearch.trainer":
+        if name not in PATCHES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None:
@@ -58,7 +85,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def run(module):
             exec_module(module)
-            _patch(module)
+            PATCHES[name](module)
 
         loader.exec_module = run
         return spec
