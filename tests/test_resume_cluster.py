@@ -1,5 +1,6 @@
 """A driver stopped and resumed: SIGKILL, Ctrl-C during the search, during confirmation and in
 the middle of a rung; trials held at a named state (``conftest.Hold``), not timed."""
+import json
 import signal
 import subprocess
 
@@ -168,7 +169,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     data = tiny_search(method={m: {} for m in methods})
     data["base"]["train"]["epochs"] = 4
     data["search"].update(num_samples=6, max_concurrent=1, checkpoint_every=1,
-                          asha={"rungs": [0.25, 1.0], "reduction_factor": 3})  # runs of 1 and 4 epochs
+                          asha={"rungs": [0.25, 1.0], "reduction_factor": 2})  # runs of 1 and 4 epochs
     uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
     done = subprocess.run(whole_cmd, env=_env(), capture_output=True, text=True, timeout=400)
@@ -239,33 +240,30 @@ def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path):
     assert runs == {"search": "FINISHED", "trial": "FINISHED"}
 
 
-def test_a_trial_that_raises_is_retried_from_its_checkpoint_then_fails_for_good(tmp_path):
-    """``max_failures: 1``: the first trial crashes after its first epoch and its retry goes on
-    from the checkpoint, every epoch logged once; the second crashes again in its retry and
-    ends FAILED, its error in trials.json and as the run's ``error`` tag."""
+def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
+    """``max_failures: 1``: the trial crashes after its first epoch and its retry goes on from
+    the checkpoint, every epoch logged once, and ends as any trial does. (A trial that raises
+    for good, FAILED with its ``error`` tag: tests/test_search.py's diverging trials.)"""
     data = tiny_search(method={"ce": {}})
     data["base"]["train"]["epochs"] = 2
-    data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False},
+    data["search"].update(num_samples=1, max_concurrent=1, asha={"enabled": False},
                           checkpoint_every=1, max_failures=1)
     uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "f", uri)
     hold = Hold(tmp_path / "hold")
-    # trainers: the first trial, its retry; the second trial, its retry (each from epoch 1)
-    for name in ("fail-0-1", "fail-2-1", "fail-3-1"):
-        hold.fault(name)
+    hold.fault("fail-0-1")  # the trial's first trainer, before its second epoch
     done = subprocess.run(cmd, env=hold.env(_env()), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert all(hold.fired(n) for n in ("fail-0-1", "fail-2-1", "fail-3-1"))
-    first, second = sorted(_trials(folder).values(), key=lambda r: r["started_at"])
-    assert first["status"] == "COMPLETED" and first["epochs"] == 2
-    assert second["status"] == "FAILED" and "a trial's crash, caused by the tests" in second["error"]
+    assert hold.fired("fail-0-1") and (hold.folder / "trainer-1").exists()  # a second trainer
+    [record] = _trials(folder).values()
+    assert record["status"] == "COMPLETED" and record["epochs"] == 2
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{folder / 'optuna.db'}")
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
     client = MlflowClient(uri)
-    runs = {r.data.tags["ltsearch.trial_id"]: r for r in client.search_runs(
-        [client.get_experiment_by_name("ltsearch").experiment_id], "tags.`ltsearch.kind` = 'trial'")}
-    assert runs[first["trial_id"]].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(runs[first["trial_id"]].info.run_id, "val/balanced_acc")]
+    [run] = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id],
+                               "tags.`ltsearch.kind` = 'trial'")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/balanced_acc")]
     assert sorted(steps) == [1, 2]  # the retry continued: epoch 1 not logged again
-    assert runs[second["trial_id"]].info.status == "FAILED"
-    assert "a trial's crash, caused by the tests" in runs[second["trial_id"]].data.tags["error"]
+    rows = [json.loads(line) for line in next((folder / "ray").glob("*/result.json")).read_text().splitlines()]
+    assert rows[-1]["epoch"] == 2 and rows[-1]["iterations_since_restore"] == 1  # from epoch 1
