@@ -33,16 +33,15 @@ def _search_file(tmp: Path, **update) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, ray_local):
     """A finished 4-trial search (one at a time, rungs at a third and the end: some trials
     pruned), tracked in sqlite; tests work on copies of its folder."""
     tmp = tmp_path_factory.mktemp("finished")
     path = _search_file(tmp)
     uri = fresh_store(tmp)
-    done = subprocess.run([str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp / "searches"),
-                           "--name", "f", "--tracking-uri", uri], env=ENV, capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # in this process, on the session's Ray: no interpreter or Ray of its own to start
+    assert main(["search", str(path), "--storage", str(tmp / "searches"), "--name", "f",
+                 "--tracking-uri", uri]) == 0
     return tmp / "searches" / "f", path, uri
 
 
@@ -300,7 +299,8 @@ def _rewind_snapshot(folder: Path, trial_ids: list[str], status: str = "RUNNING"
     state_path.write_text(json.dumps(state))
 
 
-def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished, tmp_path, status="RUNNING"):
+def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished, tmp_path, capsys,
+                                                                       status="RUNNING"):
     """It used to be trained to the end on --resume: COMPLETED in trials.json and MLflow, still
     PRUNED in Optuna, and it became best_config.yaml."""
     folder, path, uri = finished
@@ -316,16 +316,16 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
     states = {t.number: t.state for t in study.trials}
     # a finished search resumes only to confirm (else Ray need not start): Tune restores the
     # search's experiment first
-    resumed = subprocess.run([str(BIN / "ltsearch"), "search", str(path), "--resume", "--name", "f",
-                              "--storage", str(tmp_path / "searches"), "--tracking-uri", uri,
-                              "--confirm", "1:1"],
-                             env=ENV, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    capsys.readouterr()
+    code = main(["search", str(path), "--resume", "--name", "f", "--storage", str(tmp_path / "searches"),
+                 "--tracking-uri", uri, "--confirm", "1:1"])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.out[-3000:] + resumed.err[-3000:]
     after = _trials(copy)
     for k in rewound:
         assert {f: after[k][f] for f in ("status", "epochs", "metrics")} == \
                {f: before[k][f] for f in ("status", "epochs", "metrics")}, k
-        assert f"started  {k[-8:]}" not in resumed.stdout
+        assert f"started  {k[-8:]}" not in resumed.out
     assert {p: p.read_text() for p in (copy / "ray").glob("*/result.json")} == results
     assert (copy / "best_config.yaml").read_text() == best
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{copy / 'optuna.db'}")
@@ -341,7 +341,7 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
     assert {k: runs[k] for k in rewound} == {k: want[after[k]["status"]] for k in rewound}
 
 
-def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path):
+def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
     """`kill -TERM` of the driver (what `timeout`, Slurm and Kubernetes send) used to exit 134
     from Ray's fatal-signal handler with stack dumps, runs left RUNNING and no summary."""
     path = _search_file(tmp_path, num_samples=3, asha={"enabled": False})
@@ -387,8 +387,7 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path):
     assert optuna.trial.TrialState.WAITING in {t.state for t in study.trials}
     assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.trials}
 
-    resumed = subprocess.run(cmd + ["--resume"], env=ENV, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert main(cmd[1:] + ["--resume"]) == 0  # in this process, on the session's Ray
     trials = _trials(folder)
     assert len(trials) == 3 and {r["status"] for r in trials.values()} == {"COMPLETED"}
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'optuna.db'}")

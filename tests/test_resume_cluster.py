@@ -9,10 +9,33 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import Hold, fresh_store, tiny_search
-from procs import BIN, _ctrl_c, _env, _held, _nothing_running, _resume, _search_cmd, _start, _stop, _trials
+from ltsearch.cli import main
+from procs import _ctrl_c, _env, _held, _nothing_running, _search_cmd, _start, _stop, _trials
 
 
-def test_resume_after_sigkill(tmp_path):
+
+class Ran:
+    """What a command run in this process gave: its exit status and output."""
+
+    def __init__(self, returncode: int, captured):
+        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
+
+
+def _here(argv: list[str], capsys) -> Ran:
+    """An ``ltsearch`` command run in this process, on the session's Ray (``ray_local``): no
+    interpreter, imports or Ray of its own to start, for the runs a test does not stop."""
+    capsys.readouterr()
+    code = main(argv)
+    ran = Ran(code, capsys.readouterr())
+    assert code == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return ran
+
+
+def _resume_here(cmd: list[str], capsys) -> Ran:
+    return _here(cmd[1:] + ["--resume"], capsys)
+
+
+def test_resume_after_sigkill(tmp_path, ray_local, capsys):
     """SIGKILL to the driver and the Ray it started, while the third of four trials trains (held
     there until Tune's snapshot holds it): the resume finishes exactly the four, the killed one
     among them, and every record agrees."""
@@ -32,7 +55,7 @@ def test_resume_after_sigkill(tmp_path):
     assert driver.returncode == -signal.SIGKILL and len(before) == 2
     assert _trials(folder)[killed]["status"] == "RUNNING"  # nothing could close it
 
-    resumed = _resume(cmd)
+    resumed = _resume_here(cmd, capsys)
     shown = resumed.stdout + resumed.stderr  # what the user sees: Ray's internals stay in its logs
     for noise in ("Traceback", "Failed to fetch metrics", "Error handling checkpoint"):
         assert noise not in shown, shown[-4000:]
@@ -77,7 +100,7 @@ def _interrupted_as_the_readme_says(uri: str, study, records: dict) -> None:
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t not in waiting)
 
 
-def test_ctrl_c_then_resume(tmp_path):
+def test_ctrl_c_then_resume(tmp_path, ray_local, capsys):
     """Ctrl-C used to exit 0 with the parent run FINISHED, the running Optuna trials FAIL and
     trials.json RUNNING; after --resume TPE never learned those trials' results."""
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
@@ -97,10 +120,10 @@ def test_ctrl_c_then_resume(tmp_path):
     _interrupted_as_the_readme_says(uri, study, records)
     client, exp = _nothing_running(uri)
 
-    resumed = _resume(cmd)
+    resumed = _resume_here(cmd, capsys)
     assert resumed.stdout.splitlines()[0] == (  # before Ray: what it resumes, where, how far it got
         f"search i: resuming 3 trials over 2 methods (1 ended), 1 at a time, in {folder.resolve()}; "
-        "starting a local Ray")
+        "on the Ray already running")
     after = _trials(folder)
     assert len(after) == 3 and all(r["status"] == "COMPLETED" for r in after.values())
     study = optuna.load_study(study_name="i", storage=f"sqlite:///{folder / 'optuna.db'}")
@@ -117,7 +140,7 @@ def test_ctrl_c_then_resume(tmp_path):
         assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
-def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
+def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_local, capsys):
     """Confirmation runs end as cleanly as the search's trials: an interrupted one is closed,
     and a later `ltsearch confirm` finishes it, each epoch recorded once, even one asking for
     fewer seeds than the round it belongs to (with nothing of its own to run, it closed the
@@ -142,9 +165,7 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
     _interrupted_as_the_readme_says(uri, None, records)
     client, exp = _nothing_running(uri)
 
-    again = subprocess.run([str(BIN / "ltsearch"), "confirm", str(folder), "--top", "1", "--seeds", "1"],
-                           env=_env(), capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = _here(["confirm", str(folder), "--top", "1", "--seeds", "1"], capsys)
     after = _trials(folder)
     runs = [r for r in after.values() if r.get("confirm_of")]
     best = next(r for r in after.values() if not r.get("confirm_of"))
@@ -159,7 +180,7 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path):
         assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
-def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path):
+def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path, ray_local, capsys):
     """Tune restores a scheduler as it was created, empty: rebuilt from trials.json (and from the
     rung values every report repeats), a resumed search stops and keeps the trials an
     uninterrupted one does. No parameter is sampled, so both searches run the same six trials
@@ -172,8 +193,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
                           asha={"rungs": [0.25, 1.0], "reduction_factor": 2})  # runs of 1 and 4 epochs
     uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
-    done = subprocess.run(whole_cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _here(whole_cmd[1:], capsys)
     expected = {r["method"]: r for r in _trials(whole).values()}
     assert {r["status"] for r in expected.values()} == {"COMPLETED", "PRUNED"}
     order = sorted(expected.values(), key=lambda r: r["started_at"])
@@ -194,7 +214,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     assert code == 130, log[-3000:]
     assert [r["method"] for r in _trials(folder).values() if r["status"] == "INTERRUPTED"
             and r["rung"] == 1] == [method]
-    _resume(cmd)
+    _resume_here(cmd, capsys)
     after = {r["method"]: r for r in _trials(folder).values()}
     assert {m: r["status"] for m, r in after.items()} == {m: r["status"] for m, r in expected.items()}
     for m, r in after.items():
@@ -204,7 +224,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     assert pruned == sum(r["status"] == "PRUNED" for r in after.values())
 
 
-def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path):
+def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path, ray_local, capsys):
     """The endings table's row: a fault in the driver (here raised in its search callback as a
     trial reports) exits 1 with one line naming it; the running trial is INTERRUPTED, WAITING in
     Optuna, its run KILLED and the parent FAILED; `--resume` finishes the search."""
@@ -234,7 +254,7 @@ def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path):
     runs = {r.data.tags.get("ltsearch.kind"): r.info.status for r in client.search_runs([exp])}
     assert runs == {"search": "FAILED", "trial": "KILLED"}
 
-    _resume(cmd)
+    _resume_here(cmd, capsys)
     assert [r["status"] for r in _trials(folder).values()] == ["COMPLETED"]
     runs = {r.data.tags.get("ltsearch.kind"): r.info.status for r in client.search_runs([exp])}
     assert runs == {"search": "FINISHED", "trial": "FINISHED"}
