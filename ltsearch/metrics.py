@@ -9,8 +9,10 @@ can instead be thirds of the classes by training count (``metrics.groups: thirds
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 SCALARS = ("top1", "balanced_acc", "many", "medium", "few")  # reported as val/… and test/…
@@ -43,7 +45,11 @@ def describe_groups(counts, many: int = 100, few: int = 20, groups: str = "thres
 def classification_metrics(y: torch.Tensor, pred: torch.Tensor, counts, many: int = 100,
                            few: int = 20, groups: str = "thresholds") -> dict:
     """top1, balanced accuracy (mean per-class recall), shot groups, per-class accuracy and the
-    confusion matrix (rows: true class, columns: predicted). One device→host copy."""
+    confusion matrix (rows: true class, columns: predicted). One device→host copy. (torch is
+    imported here: the records, the tracking and the readers of a search folder use the shot
+    groups alone, and spare their processes its ~3 s of import.)"""
+    import torch
+
     C = len(counts)
     confusion = torch.bincount(y * C + pred, minlength=C * C).view(C, C).cpu()
     support = confusion.sum(1).double()

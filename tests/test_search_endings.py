@@ -198,6 +198,11 @@ def test_reading_a_finished_search_needs_neither_ray_nor_mlflow():
             "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    # nor torch, for the records and the store (every process opening an MLflow store imports them)
+    code = ("import sys, ltsearch.search.records, ltsearch.search.tracking; "
+            "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 def test_storage_that_cannot_be_written(tmp_path, capsys):
