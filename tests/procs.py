@@ -88,7 +88,7 @@ def _held(hold: Hold, name: str, folder: Path) -> str:
     snapshot both hold it RUNNING (a resume then continues it, not starts it afresh)."""
     _wait(lambda: hold.reached(name), 300, f"a trainer held at {name}")
     running = lambda: [k for k, r in _trials(folder).items() if r["status"] == "RUNNING"]
-    _wait(lambda: len(running()) == 1 and _snapshot(folder).get(running()[0]) == "RUNNING", 60,
+    _wait(lambda: len(running()) == 1 and _snapshot(folder).get(running()[0]) == "RUNNING", 180,
           "the held trial RUNNING in trials.json and in Tune's snapshot")
     return running()[0]
 
