@@ -121,11 +121,14 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
             _stop(driver)
         log = (tmp_path / "first.log").read_text()
         assert driver.returncode == 1, log[-3000:]
-        assert "Retrying" not in log and log.count(f"the MLflow server at {uri} stopped answering") == 1
+        # one line when a retried call first fails (none where the first call to fail is one
+        # MLflow does not retry: the ending's own line then says it), never urllib3's per retry
+        said = log.count(f"the MLflow server at {uri} stopped answering")
+        assert "Retrying" not in log and said <= 1, log[-3000:]
         assert f"error: the search stopped: TrackingError: no MLflow server answers at {uri} (" in log
         assert "Traceback" not in log
         warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
-        assert len(warnings) == 2 and "tracking records not closed" in warnings[1], log[-3000:]
+        assert len(warnings) == 1 + said and "tracking records not closed" in warnings[-1], log[-3000:]
         assert "its tracking records not: once the store answers, `" in log and "--resume" in log
         statuses = [r["status"] for r in _trials(folder).values()]
         assert "RUNNING" not in statuses and "INTERRUPTED" in statuses
