@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import Hold
+from conftest import Hold, fresh_store
 
 BIN = Path(sys.executable).parent
 
@@ -117,3 +117,13 @@ def _resume(cmd) -> subprocess.CompletedProcess:
     resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return resumed
+
+
+def _mlflow_server_cmd(tmp_path: Path, port: int) -> list[str]:
+    """An `mlflow server` on 127.0.0.1:``port`` over ``tmp_path/srv.db`` (a migrated copy made
+    here unless the test made it already), artifacts in ``tmp_path/artifacts``."""
+    if not (tmp_path / "srv.db").exists():
+        fresh_store(tmp_path, "srv.db")
+    return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+            "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]

@@ -9,8 +9,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, fresh_store, tiny_search
-from procs import BIN, _env, _mlflow_up, _search_cmd, _start, _stop, _trials, _wait
+from conftest import free_port, tiny_search
+from procs import BIN, _env, _mlflow_server_cmd, _mlflow_up, _search_cmd, _start, _stop, _trials, _wait
 
 
 @pytest.mark.cluster
@@ -19,7 +19,6 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
     """Trials run on both nodes; the worker node dies (SIGKILL to its raylet and workers); its
     trial continues from its last checkpoint on the head node, and nothing recorded is lost."""
     ray_port, mlflow_port = free_port(), free_port()
-    fresh_store(tmp_path, "srv.db")
     address = f"127.0.0.1:{ray_port}"
     procs = []
     try:
@@ -27,9 +26,7 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
                              "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
                              "--include-dashboard=false"],
                             tmp_path / "head.log"))
-        procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                             str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        procs.append(_start(_mlflow_server_cmd(tmp_path, mlflow_port),
                             tmp_path / "mlflow.log"))
         _wait(lambda: subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=_env(),
                                      capture_output=True).returncode == 0, 120, "the head node")
@@ -95,10 +92,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path):
     not urllib3's line per retry, and the end does not wait on it again per call (it printed
     a warning per failed step, each after its own retries)."""
     port = free_port()
-    fresh_store(tmp_path, "srv.db")
-    server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+    server_cmd = _mlflow_server_cmd(tmp_path, port)
 
     data = tiny_search(method={"ce": {}})
     data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False})
@@ -168,9 +162,7 @@ def test_a_tracking_server_back_within_mlflows_retries_costs_nothing(tmp_path, m
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+    server_cmd = _mlflow_server_cmd(tmp_path, port)
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
@@ -210,10 +202,7 @@ def test_a_store_lost_as_a_trial_ends_fails_the_call_once(tmp_path, monkeypatch,
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     port = free_port()
-    fresh_store(tmp_path, "srv.db")
-    server_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                  "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+    server_cmd = _mlflow_server_cmd(tmp_path, port)
     server = _start(server_cmd, tmp_path / "mlflow.log")
     try:
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
