@@ -67,10 +67,12 @@ def free_port() -> int:
 
 
 def tiny_search(**space):
-    """A small digits-LT search file (3 epochs) over ``space['method']``."""
+    """A small digits-LT search file (3 epochs) over ``space['method']``, one trial at a time:
+    each slot is a Ray worker process to start (~6 s of CPU: torch, Ray Tune), and the suite is
+    CPU-bound; the tests of concurrency ask for more."""
     return {
         "base": copy_base(),
-        "search": {"num_samples": 6, "max_concurrent": 2, "resources": {"cpu": 1},
+        "search": {"num_samples": 6, "max_concurrent": 1, "resources": {"cpu": 1},
                    "asha": {"rungs": [0.33, 1.0], "reduction_factor": 2}, "seed": 0,
                    "report": False},  # seconds per search (importing scikit-learn's forests):
                                       # the tests of the report turn it on
@@ -145,11 +147,15 @@ class Hold:
     def reached(self, name: str) -> bool:
         return (self.folder / f"held-{name}").exists()
 
+    def pid(self, name: str) -> int:
+        """The process of the trainer held at ``name``."""
+        return int((self.folder / f"held-{name}").read_text())
+
     def release(self, name: str) -> None:
         (self.folder / f"hold-{name}").unlink(missing_ok=True)
 
     def fault(self, name: str) -> None:
-        """Arm a fault that fires once: ``fail-<ordinal>-<epoch>`` or ``driver-fault``."""
+        """Arm a fault that fires once: ``fail-<ordinal>-<epoch>``."""
         (self.folder / name).touch()
 
     def fired(self, name: str) -> bool:

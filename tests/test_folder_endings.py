@@ -4,6 +4,7 @@ before `--resume`, `confirm --top` past the trials. Real Ray, Optuna, MLflow (sq
 processes; the damaged files are damaged for real (truncated, overwritten)."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -193,7 +194,8 @@ def test_confirm_top_past_the_trials_counts_what_exists(finished, tmp_path, caps
     out = capsys.readouterr().out
     n = len(completed)
     assert f"--top 999: the search has {n} trial{'s' * (n != 1)} that ran to the end" in out
-    assert "999" not in out.split("--top 999", 1)[1]
+    # (not as a count; a trial id may hold the digits)
+    assert not re.search(r"(?<![0-9a-f])999(?![0-9a-f])", out.split("--top 999", 1)[1])
     assert f"{n}/{n} confirmation runs" in out
     runs = [r for r in _trials(copy).values() if r.get("confirm_of")]
     assert len(runs) == n and {r["confirm_of"] for r in runs} == {r["trial_id"] for r in completed}
@@ -344,7 +346,7 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
 def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
     """`kill -TERM` of the driver (what `timeout`, Slurm and Kubernetes send) used to exit 134
     from Ray's fatal-signal handler with stack dumps, runs left RUNNING and no summary."""
-    path = _search_file(tmp_path, num_samples=3, asha={"enabled": False})
+    path = _search_file(tmp_path, num_samples=2, asha={"enabled": False})
     uri = fresh_store(tmp_path)
     cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
            "--name", "t", "--tracking-uri", uri]
@@ -389,7 +391,7 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
 
     assert main(cmd[1:] + ["--resume"]) == 0  # in this process, on the session's Ray
     trials = _trials(folder)
-    assert len(trials) == 3 and {r["status"] for r in trials.values()} == {"COMPLETED"}
+    assert len(trials) == 2 and {r["status"] for r in trials.values()} == {"COMPLETED"}
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'optuna.db'}")
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     assert {r.info.status for r in client.search_runs([exp])} == {"FINISHED"}

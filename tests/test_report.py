@@ -94,7 +94,7 @@ def test_confirm_command_runs_only_what_is_missing(confirmed, capsys):
     assert best == records.trials[confirmed_means[0]["trial_id"]]["config"]  # best confirmed mean
     out = capsys.readouterr().out
     assert f"{len(runs)} confirmation runs ({len(runs)} completed)" in out
-    assert out.startswith(f"search conf: confirmation runs, 2 at a time, in {outcome.folder}; on the "
+    assert out.startswith(f"search conf: confirmation runs, 1 at a time, in {outcome.folder}; on the "
                           "Ray already running\nconfirming the 2 best configs with 2 fresh seeds each: ")
 
     assert main(["confirm", str(outcome.folder), "--top", "2", "--seeds", "2"]) == 0

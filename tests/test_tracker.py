@@ -88,7 +88,7 @@ def test_a_search_with_tracking_off_records_only_its_folder_and_talks_quietly(tm
     assert "MLflow" not in out.stdout + out.stderr
     lines = out.stdout.splitlines()
     folder = (tmp_path / "searches" / "s").resolve()  # said once the checks passed, before Ray
-    assert lines[0] == f"search s: 2 trials over 2 methods, 2 at a time, in {folder}; starting a local Ray"
+    assert lines[0] == f"search s: 2 trials over 2 methods, 1 at a time, in {folder}; starting a local Ray"
     for trial_id in trials:
         assert sum(line.startswith(f"started  {trial_id}") for line in lines) == 1
         assert sum(line.startswith(f"finished {trial_id}  after 2 of 2 epochs  val/balanced_acc")

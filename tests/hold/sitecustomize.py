@@ -5,13 +5,13 @@ driver at a state it names instead of guessing a window in seconds.
 Each trainer a process builds takes the next ordinal of the folder (``trainer-0``, ``trainer-1``,
 … created exclusively, so numbers are unique across processes). Before epoch ``E`` (0-based, so
 after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
-``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix). Delete the hold file
+``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix; it holds the
+process's pid). Delete the hold file
 to let it go on; nothing waits where the folder has none.
 
-Faults the tests cannot cause otherwise, each once (the file is removed as it fires): before
-epoch ``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
-retried); the driver's search callback raises on a trial's result where ``driver-fault`` exists
-(a bug in the driver)."""
+A fault the tests cannot cause otherwise, once (the file is removed as it fires): before epoch
+``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
+retried)."""
 import importlib.abc
 import importlib.machinery
 import os
@@ -40,7 +40,8 @@ def _patch(module):
         for name in (f"{self._test_ordinal}-{self.epoch}", f"seed{self.cfg.seed}-{self.epoch}"):
             hold = os.path.join(FOLDER, f"hold-{name}")
             if os.path.exists(hold):
-                open(os.path.join(FOLDER, f"held-{name}"), "w").close()
+                with open(os.path.join(FOLDER, f"held-{name}"), "w") as f:
+                    f.write(str(os.getpid()))
                 while os.path.exists(hold):
                     time.sleep(0.05)
 
@@ -60,17 +61,7 @@ def _fire(name, what):
     raise RuntimeError(f"{what}, caused by the tests ({name})")
 
 
-def _patch_callbacks(module):
-    on_trial_result = module.SearchCallback.on_trial_result
-
-    def _on_trial_result(self, *args, **kwargs):
-        _fire("driver-fault", "a fault in the driver")
-        return on_trial_result(self, *args, **kwargs)
-
-    module.SearchCallback.on_trial_result = _on_trial_result
-
-
-PATCHES = {"ltsearch.trainer": _patch, "ltsearch.search.callbacks": _patch_callbacks}
+PATCHES = {"ltsearch.trainer": _patch}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
