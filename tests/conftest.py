@@ -57,6 +57,13 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session's Ray, for a driver a test starts that need not start a Ray of its own (a
+    local Ray's processes cost ~10 s of CPU to start; the suite is CPU-bound)."""
+    return ray_local.get_runtime_context().gcs_address
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens at (a dead server's address, or one to start at)."""
     import socket

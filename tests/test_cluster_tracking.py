@@ -112,7 +112,7 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
-def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_local, monkeypatch, capsys):
+def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, monkeypatch, capsys):
     """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave
     the parent and child runs, trials.json and the Optuna study RUNNING for good. MLflow retries
     the lost server (here twice, quickly; by default for minutes per call): one line says so,
@@ -130,7 +130,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_local, monkey
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
-        driver = subprocess.Popen(cmd, stdout=open(tmp_path / "first.log", "w"),
+        driver = subprocess.Popen(cmd + ["--address", ray_address], stdout=open(tmp_path / "first.log", "w"),
                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())

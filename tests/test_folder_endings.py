@@ -261,12 +261,13 @@ def test_two_processes_racing_for_a_fresh_folder_one_holds_it(tmp_path):
         assert said == ["holds", "refused"], (i, said)
 
 
-def test_two_confirms_at_once_run_each_run_once(finished, tmp_path):
+def test_two_confirms_at_once_run_each_run_once(finished, tmp_path, ray_address):
     """Both used to run all the runs: 8 runs for 4 asked, progress `8/4`, one LOST in
     trials.json where MLflow had 8 FINISHED."""
     folder, _, uri = finished
     copy = _copy(folder, tmp_path)
-    cmd = [str(BIN / "ltsearch"), "confirm", str(copy), "--top", "1", "--seeds", "2", "--tracking-uri", uri]
+    cmd = [str(BIN / "ltsearch"), "confirm", str(copy), "--top", "1", "--seeds", "2", "--tracking-uri", uri,
+           "--address", ray_address]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
@@ -397,7 +398,7 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
     assert {r.info.status for r in client.search_runs([exp])} == {"FINISHED"}
 
 
-def test_a_full_disk_ends_like_a_driver_error(tmp_path):
+def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address):
     """A search folder on a 12 MB tmpfs that fills up mid-search used to print ~250 lines of
     tracebacks, then "everything recorded is closed" while MLflow runs stayed RUNNING. (Whether
     `--resume` then finishes depends on which of Tune's own snapshot files the full disk cut
@@ -411,7 +412,7 @@ def test_a_full_disk_ends_like_a_driver_error(tmp_path):
         path = _search_file(tmp_path, num_samples=3, asha={"enabled": False})
         uri = fresh_store(tmp_path)  # the store is on another disk
         cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(disk), "--name", "d",
-               "--tracking-uri", uri]
+               "--tracking-uri", uri, "--address", ray_address]
         folder = disk / "d"
         driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         end = time.time() + 300

@@ -33,8 +33,8 @@ def search(ray_local, tmp_path_factory):
 
 
 def test_a_ray_the_search_joined_stays_up(search, ray_local):
-    """The driver shuts down only a Ray it started itself (in the background, while the records
-    close); a caller's instance is left as it was."""
+    """The driver shuts down only a Ray it started itself (before the records close); a caller's
+    instance is left as it was."""
     assert ray_local.is_initialized()
 
 

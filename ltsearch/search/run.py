@@ -71,7 +71,6 @@ class Search:
     groups: str  # which many/medium/few split the metrics use, in words
     tune_trial_ids: set = field(default_factory=set)  # trials Tune recorded, after fit
     began: float = field(default_factory=time.monotonic)  # the command's start, for the clock
-    ray_stopping: Optional[threading.Thread] = None  # the Ray this search started, shutting down
     lock: Optional[object] = None  # the folder's writer lock (search.folder.FolderLock), held throughout
     stops: Optional[object] = None  # search.signals.StopSignals: SIGTERM and SIGHUP as Ctrl-C
 
@@ -587,9 +586,11 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
                 ending = run_confirmation(search, verbose)
             return ending
     finally:
-        if started:  # nothing needs Ray now: its processes stop while the records close
-            search.ray_stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
-            search.ray_stopping.start()
+        # Before the records close, not beside them: a shutdown on a thread of its own (to save
+        # its second or two) raced whatever touched Ray meanwhile (an object's finaliser), and
+        # Ray then ended the whole process, a Ctrl-C's records left RUNNING (seen in the tests).
+        if started:
+            ray.shutdown()
 
 
 def trainable_for(search: Search):
@@ -768,8 +769,6 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
         search.tracker.end_search(ending, artifacts)
     except Exception as e:  # a lost tracking server must not hide the search's own ending
         log.warning("tracking records not closed (%s: %s); --resume reopens them", type(e).__name__, e)
-    if search.ray_stopping is not None:
-        search.ray_stopping.join()
     return SearchOutcome(search.folder, records, best_path, board, search.tracker.search_id,
                          search.tracker.uri, ending, search.tracker.describe(), report,
                          search.stops.received if search.stops is not None else None, unclosed)
