@@ -113,6 +113,29 @@ def _nothing_running(uri: str):
     return client, exp
 
 
+class Ran:
+    """What a command run in this process gave: its exit status and output."""
+
+    def __init__(self, returncode: int, captured):
+        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
+
+
+def _here(argv: list[str], capsys, code: int = 0) -> Ran:
+    """An ``ltsearch`` command run in this process, on the session's Ray (``ray_local``): no
+    interpreter, imports or Ray of its own to start, for the runs a test does not stop. It must
+    exit with ``code``."""
+    from ltsearch.cli import main
+
+    capsys.readouterr()
+    ran = Ran(main(argv), capsys.readouterr())
+    assert ran.returncode == code, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return ran
+
+
+def _resume_here(cmd: list[str], capsys) -> Ran:
+    return _here(cmd[1:] + ["--resume"], capsys)
+
+
 def _resume(cmd) -> subprocess.CompletedProcess:
     resumed = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

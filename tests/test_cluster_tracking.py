@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import Hold, free_port, fresh_store, tiny_search
-from ltsearch.cli import main
-from procs import BIN, _env, _mlflow_server_cmd, _mlflow_up, _search_cmd, _start, _stop, _trials, _wait
+from procs import (BIN, _env, _mlflow_server_cmd, _mlflow_up, _resume_here, _search_cmd, _start, _stop,
+                   _trials, _wait)
 
 
 def _listens(port: int) -> bool:
@@ -125,13 +125,14 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, monk
     data["search"].update(num_samples=2, max_concurrent=1, asha={"enabled": False})
     uri = f"http://127.0.0.1:{port}"
     cmd, folder = _search_cmd(tmp_path, data, "t", uri)
-    env = dict(_env(), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
-               MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    for key, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "0"), ("BACKOFF_JITTER", "0"),
+                       ("TIMEOUT", "5")):  # for the driver it starts and the resume run here
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{key}", value)
     server = _start(server_cmd, tmp_path / "mlflow1.log")
     try:
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
         driver = subprocess.Popen(cmd + ["--address", ray_address], stdout=open(tmp_path / "first.log", "w"),
-                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                  stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
         try:
             _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
                   and any(r["status"] == "RUNNING" for r in _trials(folder).values()),
@@ -158,12 +159,7 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, monk
 
         server = _start(server_cmd, tmp_path / "mlflow2.log")  # back, on the same store
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server again")
-        for key in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
-            monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{key}", env[f"MLFLOW_HTTP_REQUEST_{key}"])
-        capsys.readouterr()  # the resume, in this process on the session's Ray
-        code = main(cmd[1:] + ["--resume"])
-        resumed = capsys.readouterr()
-        assert code == 0, resumed.out[-3000:] + resumed.err[-3000:]
+        _resume_here(cmd, capsys)
         statuses = [r["status"] for r in _trials(folder).values()]
         # a trial started after Tune's last snapshot before the server died is LOST, not resumed
         assert statuses.count("COMPLETED") == 2 and set(statuses) <= {"COMPLETED", "LOST"}

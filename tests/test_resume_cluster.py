@@ -9,30 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import Hold, fresh_store, tiny_search
-from ltsearch.cli import main
-from procs import _ctrl_c, _env, _held, _nothing_running, _search_cmd, _start, _stop, _trials
+from procs import (_ctrl_c, _env, _held, _here, _nothing_running, _resume_here, _search_cmd, _start,
+                   _stop, _trials)
 
-
-
-class Ran:
-    """What a command run in this process gave: its exit status and output."""
-
-    def __init__(self, returncode: int, captured):
-        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
-
-
-def _here(argv: list[str], capsys) -> Ran:
-    """An ``ltsearch`` command run in this process, on the session's Ray (``ray_local``): no
-    interpreter, imports or Ray of its own to start, for the runs a test does not stop."""
-    capsys.readouterr()
-    code = main(argv)
-    ran = Ran(code, capsys.readouterr())
-    assert code == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    return ran
-
-
-def _resume_here(cmd: list[str], capsys) -> Ran:
-    return _here(cmd[1:] + ["--resume"], capsys)
 
 
 def test_resume_after_sigkill(tmp_path, ray_local, capsys):
@@ -244,12 +223,9 @@ def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path, r
         return on_result(self, *args, **kwargs)
 
     monkeypatch.setattr(SearchCallback, "on_trial_result", faulty)
-    capsys.readouterr()
-    code = main(cmd[1:])
-    log = capsys.readouterr()
-    log = log.out + log.err
-    assert code == 1 and not faults, log[-3000:]
-    assert "Traceback" not in log
+    ran = _here(cmd[1:], capsys, code=1)
+    log = ran.stdout + ran.stderr
+    assert not faults and "Traceback" not in log
     assert "error: the search stopped: RuntimeError: a fault in the driver" in log
     records = _trials(folder)
     assert [(r["status"], r["epochs"]) for r in records.values()] == [("INTERRUPTED", 0)]

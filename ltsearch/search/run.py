@@ -329,7 +329,7 @@ def check_resumable(space, folder: Path, name: str) -> None:
     one named), and the search file the one it ran with."""
     from ltsearch.config import read_yaml
     from ltsearch.search.folder import check_checkpoint, check_study, read_json
-    from ltsearch.search.records import TrialRecords, flatten
+    from ltsearch.search.records import TrialRecords
     from ltsearch.search.results import read_info
     from ltsearch.search.trial import CHECKPOINT_FILE, RUNG_FILE
 

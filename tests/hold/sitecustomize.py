@@ -6,8 +6,7 @@ Each trainer a process builds takes the next ordinal of the folder (``trainer-0`
 … created exclusively, so numbers are unique across processes). Before epoch ``E`` (0-based, so
 after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
 ``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix; it holds the
-process's pid). Delete the hold file
-to let it go on; nothing waits where the folder has none.
+process's pid). Delete the hold file to let it go on; nothing waits where the folder has none.
 
 A fault the tests cannot cause otherwise, once (the file is removed as it fires): before epoch
 ``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
