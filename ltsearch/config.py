@@ -243,8 +243,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet32", "resnet18", "resnet34", "resnet50"] = spec(
-        "resnet32", doc="resnet32 is the CIFAR ResNet; the others are torchvision's")
+    arch: Literal["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                  "resnet18", "resnet34", "resnet50"] = spec(
+        "resnet32", doc="resnet8 … resnet110 are the CIFAR ResNets (resnet32: LDAM-DRW's, BBN's); "
+        "resnet18, resnet34 and resnet50 are torchvision's")
 
 
 @dataclass

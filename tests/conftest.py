@@ -1,11 +1,17 @@
 import os
+import signal
+import time
 
 # The tests and every process they start (the CLI, `ray start`, `mlflow server`) inherit these:
 # nothing the shell set may pick a cluster, an experiment or an auth mode for them. The suite
 # runs on two workers (the README's command), so two-thread trainers share two cores: OpenMP
 # threads that sleep while they wait rather than spin (spinning made some tests 7–19× slower).
+# The suite is CPU-bound, so two settings spare work nothing here uses: `mlflow server`'s job
+# runner (eight processes, ~12 s of CPU a start), and the Ray workers a Ray starts before any
+# task or actor asks for one (about a second of CPU each).
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
-                  OMP_WAIT_POLICY="PASSIVE")
+                  OMP_WAIT_POLICY="PASSIVE", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                  RAY_prestart_worker_first_driver="0")
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 os.environ.pop("RAY_ADDRESS", None)
 
@@ -19,8 +25,11 @@ from ltsearch.data import build_data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
-# digits-LT: IF=10 → 124 … 12 images per class; 2 epochs at batch 32 reach ≈0.8 balanced accuracy.
+# digits-LT: IF=10 → 124 … 12 images per class. The CIFAR ResNet-8 (a third of a second per
+# epoch here, 4.5× less than ResNet-32; the suite is CPU-bound): 3 epochs at batch 32 reach
+# ≈0.75 balanced accuracy, its tail classes still weak (what the long-tail parts act on).
 DIGITS = {
+    "model": {"arch": "resnet8"},
     "data": {"source": "digits", "imbalance_factor": 10, "val_per_class": 10,
              "augment": {"crop_pad": 0, "hflip": False}},
     "train": {"preset": "none", "epochs": 2, "batch_size": 32, "lr": 0.02, "warmup_epochs": 0,
@@ -47,14 +56,37 @@ def digits_data():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole session (2 CPUs, no dashboard)."""
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the whole session (2 CPUs, no dashboard). Its workers load the
+    hold hook (``session_hold``): this process does not, nor what the tests start."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    global SESSION_HOLD
+    SESSION_HOLD = tmp_path_factory.mktemp("session-hold")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "LTSEARCH_TEST_HOLD")}
+    os.environ.update(Hold(SESSION_HOLD).env({k: v for k, v in saved.items() if v is not None}))
+    try:  # the raylet, and so every worker it starts, inherits this environment
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
     yield ray
     ray.shutdown()
+
+
+SESSION_HOLD: Path | None = None
+
+
+@pytest.fixture
+def session_hold(ray_local) -> "Hold":
+    """The hold folder of the session Ray's workers, emptied before and after the test (its
+    trainers count from 0): for held trials of a search run in this process, or by a driver
+    that joins the session's Ray (``ray_address``) instead of starting one (~10 s of CPU)."""
+    hold = Hold(SESSION_HOLD)
+    hold.clear()
+    yield hold
+    hold.clear()
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +199,29 @@ class Hold:
 
     def fired(self, name: str) -> bool:
         return not (self.folder / name).exists()
+
+    def clear(self) -> None:
+        """No holds, faults or trainers counted (held trainers must have been let go or killed)."""
+        for path in self.folder.iterdir():
+            path.unlink()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the trainer held at ``name`` and wait until it is gone: a held trial of a
+        driver that joined a Ray outlives the driver until Ray reaps it, and let go it would
+        go on writing into the search's folder."""
+        pid = self.pid(name)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # reaped already
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+            assert time.monotonic() < deadline, f"trainer {pid} still alive"
+            time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "Z"

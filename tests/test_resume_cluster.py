@@ -2,7 +2,6 @@
 the middle of a rung; trials held at a named state (``conftest.Hold``), not timed."""
 import json
 import signal
-import subprocess
 
 import optuna
 import pytest
@@ -119,7 +118,8 @@ def test_ctrl_c_then_resume(tmp_path, ray_local, capsys):
         assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
-def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_local, capsys):
+def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_address,
+                                                                  session_hold, capsys):
     """Confirmation runs end as cleanly as the search's trials: an interrupted one is closed,
     and a later `ltsearch confirm` finishes it, each epoch recorded once, even one asking for
     fewer seeds than the round it belongs to (with nothing of its own to run, it closed the
@@ -130,10 +130,13 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_
                           confirm={"top": 1, "seeds": 2})
     uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "c", uri)
-    hold = Hold(tmp_path / "hold")
+    hold = session_hold  # the driver joins the session's Ray: not a local Ray's ending
     hold.at("2-1")  # trainers: the trial, then a confirmation run per seed, one at a time
-    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached("2-1"),
-                        "the second seed's confirmation run after its first epoch", env=hold.env(_env()))
+    code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",
+                        lambda: hold.reached("2-1"),
+                        "the second seed's confirmation run after its first epoch", env=_env())
+    hold.kill("2-1")
+    hold.clear()
     assert code == 130 and "--resume" in log, log[-3000:]
     records = _trials(folder)
     own = [r for r in records.values() if not r.get("confirm_of")]
@@ -159,7 +162,8 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_
         assert sorted(steps) == [1, 2], steps  # every epoch once
 
 
-def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path, ray_local, capsys):
+def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path, ray_address,
+                                                                        session_hold, capsys):
     """Tune restores a scheduler as it was created, empty: rebuilt from trials.json (and from the
     rung values every report repeats), a resumed search stops and keeps the trials an
     uninterrupted one does. No parameter is sampled, so both searches run the same four trials
@@ -168,8 +172,10 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     methods = ("ce", "reweight", "logit_adjust", "balanced_softmax")
     data = tiny_search(method={m: {} for m in methods})
     data["base"]["train"]["epochs"] = 2
-    data["search"].update(num_samples=4, max_concurrent=1, checkpoint_every=1,
-                          asha={"rungs": [0.5, 1.0], "reduction_factor": 2})  # runs of 1 and 2 epochs
+    # runs of 1 and 2 epochs; seed 1's order: balanced_softmax, ce, logit_adjust, reweight, the
+    # third promoted at its rung (ties the first: τ = 1 makes logit_adjust balanced_softmax)
+    data["search"].update(num_samples=4, max_concurrent=1, checkpoint_every=1, seed=1,
+                          asha={"rungs": [0.5, 1.0], "reduction_factor": 2})
     uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
     _here(whole_cmd[1:], capsys)
@@ -184,12 +190,16 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
 
     cmd, folder = _search_cmd(tmp_path, data, "cut", uri)
     # a trainer per rung run: the earlier trials', then this one's rung 0; hold its full run
-    # (the next trainer) after its first epoch
+    # (the next trainer) after its first epoch. The driver joins the session's Ray.
     name = f"{sum(len(r['rung_values']) for r in order[:place]) + 1}-1"
-    hold = Hold(tmp_path / "hold")
+    hold = session_hold
+    hold.clear()  # the whole search's trainers counted
     hold.at(name)
-    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached(name),
-                        f"{method} in the middle of its full rung", env=hold.env(_env()))
+    code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",
+                        lambda: hold.reached(name), f"{method} in the middle of its full rung",
+                        env=_env())
+    hold.kill(name)
+    hold.clear()
     assert code == 130, log[-3000:]
     assert [r["method"] for r in _trials(folder).values() if r["status"] == "INTERRUPTED"
             and r["rung"] == 1] == [method]
@@ -242,7 +252,7 @@ def test_an_error_in_the_driver_fails_the_parent_and_resume_finishes(tmp_path, r
     assert runs == {"search": "FINISHED", "trial": "FINISHED"}
 
 
-def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
+def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path, session_hold, capsys):
     """``max_failures: 1``: the trial crashes after its first epoch and its retry goes on from
     the checkpoint, every epoch logged once, and ends as any trial does. (A trial that raises
     for good, FAILED with its ``error`` tag: tests/test_search.py's diverging trials.)"""
@@ -252,10 +262,9 @@ def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
                           checkpoint_every=1, max_failures=1)
     uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "f", uri)
-    hold = Hold(tmp_path / "hold")
+    hold = session_hold  # in this process, on the session's Ray
     hold.fault("fail-0-1")  # the trial's first trainer, before its second epoch
-    done = subprocess.run(cmd, env=hold.env(_env()), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _here(cmd[1:], capsys)
     assert hold.fired("fail-0-1") and (hold.folder / "trainer-1").exists()  # a second trainer
     [record] = _trials(folder).values()
     assert record["status"] == "COMPLETED" and record["epochs"] == 2

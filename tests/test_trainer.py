@@ -162,6 +162,28 @@ def test_shot_groups_by_thirds_fit_data_the_thresholds_do_not():
         "many/medium/few: thirds of the classes by training count (3/2/2 classes)"
 
 
+def _cifar_resnet_params(depth: int, in_channels: int = 3, classes: int = 10) -> int:
+    """He et al. 2016 §4.2 counted by hand: stem conv+BN, n = (depth − 2)/6 basic blocks (two 3×3
+    convs, two BNs) per stage at 16/32/64 channels, option-A shortcuts (no parameters), a linear
+    classifier."""
+    n, total, c_in = (depth - 2) // 6, in_channels * 16 * 9 + 2 * 16, 16
+    for c in (16, 32, 64):
+        for _ in range(n):
+            total += c_in * c * 9 + c * c * 9 + 4 * c
+            c_in = c
+    return total + 64 * classes + classes
+
+
+@pytest.mark.parametrize("depth, millions", [(8, 0.075), (20, 0.27), (32, 0.46), (44, 0.66),
+                                             (56, 0.85), (110, 1.7)])  # the paper's Table 6 (not 8)
+def test_cifar_resnets_have_the_papers_sizes(depth, millions):
+    model = ImageClassifier(*build_body(f"resnet{depth}", 3), 10)
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 3 * (depth - 2) // 6
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _cifar_resnet_params(depth) and n == pytest.approx(millions * 1e6, rel=0.03)
+
+
 def test_resnet32_shape_and_size():
     body, dim = build_body("resnet32", 3)
     model = ImageClassifier(body, dim, 10)

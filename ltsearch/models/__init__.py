@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ltsearch.models.resnet_cifar import resnet32_body
+from ltsearch.models.resnet_cifar import DEPTHS, cifar_resnet_body
 
 
 def torchvision_body(arch: str, in_channels: int) -> tuple[nn.Sequential, int]:
@@ -23,9 +23,12 @@ def torchvision_body(arch: str, in_channels: int) -> tuple[nn.Sequential, int]:
     return body, net.fc.in_features
 
 
+CIFAR_RESNETS = {f"resnet{d}": d for d in DEPTHS}  # resnet18/34/50 are torchvision's (ImageNet's)
+
+
 def build_body(arch: str, in_channels: int) -> tuple[nn.Sequential, int]:
-    if arch == "resnet32":
-        return resnet32_body(in_channels)
+    if arch in CIFAR_RESNETS:
+        return cifar_resnet_body(CIFAR_RESNETS[arch], in_channels)
     return torchvision_body(arch, in_channels)
 
 

@@ -1,5 +1,7 @@
-"""ResNet-32 for CIFAR (He et al., CVPR 2016, §4.2): 3 stages × 5 basic blocks, 16/32/64 channels,
-option-A (zero-padding identity) shortcuts, ≈0.46 M parameters — the LDAM-DRW / BBN backbone."""
+"""The CIFAR ResNets (He et al., CVPR 2016, §4.2): depth 6n+2, 3 stages × n basic blocks,
+16/32/64 channels, option-A (zero-padding identity) shortcuts. ResNet-32 (n = 5, ≈0.46 M
+parameters) is the LDAM-DRW / BBN / MiSLAS backbone; the paper's table also trains 20, 44, 56
+and 110, and ResNet-8 (n = 1, ≈0.08 M) is the smallest of the family: quick runs on tiny data."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -32,8 +34,15 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-def resnet32_body(in_channels: int = 3, blocks: int = 5) -> tuple[nn.Sequential, int]:
-    """The convolutional body as Sequential(stem, stage1, stage2, stage3) and its width (64)."""
+DEPTHS = (8, 20, 32, 44, 56, 110)  # the paper's table, and ResNet-8
+
+
+def cifar_resnet_body(depth: int, in_channels: int = 3) -> tuple[nn.Sequential, int]:
+    """ResNet-``depth``'s convolutional body as Sequential(stem, stage1, stage2, stage3) and its
+    width (64)."""
+    if depth not in DEPTHS:
+        raise ValueError(f"a CIFAR ResNet is one of depths {DEPTHS}, not {depth}")
+    blocks = (depth - 2) // 6
     stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
                          nn.ReLU(inplace=True))
     stages, in_planes = [], 16
