@@ -132,7 +132,7 @@ def copy_base():
 # (`-n 2 --dist loadfile --no-loadscope-reorder`), so one worker is not left alone at the end
 # with a long file while the other has nothing to do.
 LONGEST_FIRST = ("test_resume_cluster.py", "test_cluster_tracking.py", "test_folder_endings.py",
-                 "test_search.py", "test_report.py", "test_cifar_slow.py")
+                 "test_prune_endings.py", "test_search.py", "test_report.py", "test_cifar_slow.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -10,7 +10,14 @@ process's pid). Delete the hold file to let it go on; nothing waits where the fo
 
 A fault the tests cannot cause otherwise, once (the file is removed as it fires): before epoch
 ``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
-retried)."""
+retried).
+
+A driver's death at a named point of a prune, once: where ``die-<point>`` exists, the search's
+driver SIGKILLs itself (nothing after it runs, as when the machine goes) at ``stop`` (the
+scheduler has decided to stop a trial), ``stop-recorded`` (trials.json holds the rung result it
+was stopped on), ``optuna-pruned`` (the study holds it PRUNED) or ``pruned`` (trials.json holds
+it PRUNED)."""
+import signal
 import importlib.abc
 import importlib.machinery
 import os
@@ -60,7 +67,65 @@ def _fire(name, what):
     raise RuntimeError(f"{what}, caused by the tests ({name})")
 
 
-PATCHES = {"ltsearch.trainer": _patch}
+STOPPING = set()  # the trials the scheduler stopped, in this driver
+
+
+def _die(point):
+    try:
+        os.remove(os.path.join(FOLDER, f"die-{point}"))
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _patch_scheduler(module):
+    cls = module.RungScheduler
+    decide = cls.on_trial_result
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = decide(self, tune_controller, trial, result)
+        if decision == self.STOP:
+            STOPPING.add(trial.trial_id)
+            _die("stop")
+        return decision
+
+    cls.on_trial_result = on_trial_result
+
+
+def _patch_callbacks(module):
+    cls = module.SearchCallback
+    on_result, end = cls.on_trial_result, cls._end
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        on_result(self, iteration, trials, trial, result, **info)
+        if trial.trial_id in STOPPING:
+            _die("stop-recorded")
+
+    def _end(self, trial, status, error=None):
+        end(self, trial, status, error)
+        if status == "PRUNED":
+            _die("pruned")
+
+    cls.on_trial_result, cls._end = on_trial_result, _end
+
+
+def _patch_optuna(module):
+    # Study, not the searcher: Tune pickles the searcher's class by value with its state, and a
+    # resume without this hook could not load a method of it defined here
+    cls = module.Study
+    tell = cls.tell
+
+    def patched(self, *args, **kwargs):
+        told = tell(self, *args, **kwargs)
+        if getattr(kwargs.get("state"), "name", None) == "PRUNED":
+            _die("optuna-pruned")
+        return told
+
+    cls.tell = patched
+
+
+PATCHES = {"ltsearch.trainer": _patch, "ltsearch.search.scheduler": _patch_scheduler,
+           "ltsearch.search.callbacks": _patch_callbacks, "optuna.study.study": _patch_optuna}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
