@@ -290,9 +290,11 @@ def test_two_confirms_at_once_run_each_run_once(finished, tmp_path, ray_address)
 # ---------------------------------------------------------------------------------------------
 # a stopped trial stays stopped; SIGTERM is a clean stop
 
-def _rewind_snapshot(folder: Path, trial_ids: list[str], status: str = "RUNNING") -> None:
+def _rewind_snapshot(folder: Path, trial_ids: list[str], status: str = "RUNNING",
+                     unreported: bool = False) -> None:
     """What a driver killed right after those trials ended leaves: Tune's newest experiment
-    snapshot (taken every 2 s) still holds them unfinished while the records hold them ended."""
+    snapshot (taken every 2 s) still holds them unfinished while the records hold them ended
+    (``unreported``: taken before their first result)."""
     state_path = max((folder / "ray").glob("experiment_state-*.json"))
     state = json.loads(state_path.read_text())
     for pair in state["trial_data"]:
@@ -300,20 +302,26 @@ def _rewind_snapshot(folder: Path, trial_ids: list[str], status: str = "RUNNING"
         if trial["trial_id"] in trial_ids:
             trial["status"] = status
             pair[0] = json.dumps(trial)
+            if unreported:
+                meta = json.loads(pair[1])
+                meta.update(last_result={}, metric_analysis={}, metric_n_steps={})
+                pair[1] = json.dumps(meta)
     state_path.write_text(json.dumps(state))
 
 
+@pytest.mark.parametrize("unreported", [False, True])
 def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished, tmp_path, capsys,
-                                                                       status="RUNNING"):
+                                                                       unreported, status="RUNNING"):
     """It used to be trained to the end on --resume: COMPLETED in trials.json and MLflow, still
-    PRUNED in Optuna, and it became best_config.yaml."""
+    PRUNED in Optuna, and it became best_config.yaml. (``unreported``: Tune's snapshot was
+    taken before the trial's first result.)"""
     folder, path, uri = finished
     copy = _copy(folder, tmp_path)
     before = _trials(copy)
     ended = {s: [k for k, r in before.items() if r["status"] == s] for s in ("PRUNED", "COMPLETED")}
     assert ended["PRUNED"] and ended["COMPLETED"]
     rewound = ended["PRUNED"] + ended["COMPLETED"][:1]
-    _rewind_snapshot(copy, rewound, status)
+    _rewind_snapshot(copy, rewound, status, unreported)
     results = {p: p.read_text() for p in (copy / "ray").glob("*/result.json")}
     best = (copy / "best_config.yaml").read_text()
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{copy / 'optuna.db'}")

@@ -569,6 +569,11 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
         search.stops.install()  # ray.init replaced them with handlers that abort the driver
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # A trial the records hold as ended returns at once, reporting nothing (``run_trial``); one
+    # Tune's snapshot caught before its first result then ended the resumed search with Tune's
+    # "did not include the specified metric(s)". The search file's metric is checked as the file
+    # is read (a metric no trial reports is refused before Ray starts): Tune's check adds nothing.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     try:
         resources = search.space.settings.resources
         if not nodes_for(resources):
