@@ -63,14 +63,12 @@ def ray_local(tmp_path_factory):
 
     global SESSION_HOLD
     SESSION_HOLD = tmp_path_factory.mktemp("session-hold")
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "LTSEARCH_TEST_HOLD")}
-    os.environ.update(Hold(SESSION_HOLD).env({k: v for k, v in saved.items() if v is not None}))
-    try:  # the raylet, and so every worker it starts, inherits this environment
+    hooked = Hold(SESSION_HOLD).env()
+    with pytest.MonkeyPatch.context() as env:  # the raylet, and so every worker, inherits it
+        for key in ("PYTHONPATH", "LTSEARCH_TEST_HOLD"):
+            env.setenv(key, hooked[key])
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
     yield ray
     ray.shutdown()
 
@@ -194,7 +192,7 @@ class Hold:
         (self.folder / f"hold-{name}").unlink(missing_ok=True)
 
     def fault(self, name: str) -> None:
-        """Arm a fault that fires once: ``fail-<ordinal>-<epoch>``."""
+        """Arm a one-shot file: ``fail-<ordinal>-<epoch>`` (a trial's crash), ``die-<point>``."""
         (self.folder / name).touch()
 
     def fired(self, name: str) -> bool:
@@ -215,7 +213,7 @@ class Hold:
         except ProcessLookupError:
             return  # reaped already
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+        while _state(pid) != "Z":  # gone, or a zombie its parent has yet to reap
             assert time.monotonic() < deadline, f"trainer {pid} still alive"
             time.sleep(0.05)
 

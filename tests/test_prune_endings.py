@@ -30,7 +30,7 @@ def test_a_driver_killed_anywhere_around_a_prune_resumes_to_what_an_unbroken_sea
     path.write_text(yaml.safe_dump(data))
     uri = fresh_store(tmp_path)
     die = Hold(tmp_path / "hold")  # the driver's own hook folder; its trials run on the session's Ray
-    (die.folder / f"die-{point}").touch()
+    die.fault(f"die-{point}")
     session_hold.at("2-0")  # trainers: logit_adjust's rung run, its full run, then ce's
     cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
            "--name", "p", "--tracking-uri", uri]

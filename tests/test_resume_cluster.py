@@ -134,7 +134,7 @@ def test_ctrl_c_during_confirmation_then_confirm_asking_for_fewer(tmp_path, ray_
     hold.at("2-1")  # trainers: the trial, then a confirmation run per seed, one at a time
     code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",
                         lambda: hold.reached("2-1"),
-                        "the second seed's confirmation run after its first epoch", env=_env())
+                        "the second seed's confirmation run after its first epoch")
     hold.kill("2-1")
     hold.clear()
     assert code == 130 and "--resume" in log, log[-3000:]
@@ -196,8 +196,7 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     hold.clear()  # the whole search's trainers counted
     hold.at(name)
     code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",
-                        lambda: hold.reached(name), f"{method} in the middle of its full rung",
-                        env=_env())
+                        lambda: hold.reached(name), f"{method} in the middle of its full rung")
     hold.kill(name)
     hold.clear()
     assert code == 130, log[-3000:]

@@ -17,10 +17,10 @@ driver SIGKILLs itself (nothing after it runs, as when the machine goes) at ``st
 scheduler has decided to stop a trial), ``stop-recorded`` (trials.json holds the rung result it
 was stopped on), ``optuna-pruned`` (the study holds it PRUNED) or ``pruned`` (trials.json holds
 it PRUNED)."""
-import signal
 import importlib.abc
 import importlib.machinery
 import os
+import signal
 import sys
 import time
 
@@ -59,23 +59,26 @@ def _patch(module):
     Trainer.__init__, Trainer.train_epoch = __init__, _train_epoch
 
 
-def _fire(name, what):
+def _take(name) -> bool:
+    """Whether the one-shot file ``name`` was there (it is removed)."""
     try:
         os.remove(os.path.join(FOLDER, name))
     except FileNotFoundError:
-        return
-    raise RuntimeError(f"{what}, caused by the tests ({name})")
+        return False
+    return True
+
+
+def _fire(name, what):
+    if _take(name):
+        raise RuntimeError(f"{what}, caused by the tests ({name})")
 
 
 STOPPING = set()  # the trials the scheduler stopped, in this driver
 
 
 def _die(point):
-    try:
-        os.remove(os.path.join(FOLDER, f"die-{point}"))
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+    if _take(f"die-{point}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _patch_scheduler(module):
