@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import fresh_store, tiny_search
 from ltsearch.cli import main
+from procs import _wait
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -353,9 +354,25 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
     assert {k: runs[k] for k in rewound} == {k: want[after[k]["status"]] for k in rewound}
 
 
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group (zombies are dead)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
-    """`kill -TERM` of the driver (what `timeout`, Slurm and Kubernetes send) used to exit 134
-    from Ray's fatal-signal handler with stack dumps, runs left RUNNING and no summary."""
+    """SIGTERM to the driver's whole process group, its own local Ray included (what `timeout`,
+    a closed terminal's SIGHUP and `ray job stop` do; Slurm signals every process of the job).
+    Sent to the driver alone it used to exit 134 from Ray's fatal-signal handler with stack
+    dumps, runs left RUNNING and no summary; sent to the group it stopped the local Ray too,
+    and the driver waited a minute for its GCS, then exited 1 with every record RUNNING."""
     path = _search_file(tmp_path, num_samples=2, asha={"enabled": False})
     uri = fresh_store(tmp_path)
     cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
@@ -373,14 +390,15 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
             time.sleep(0.3)
         else:
             raise AssertionError("no trial reported an epoch")
-        driver.send_signal(signal.SIGTERM)  # the driver alone, as `kill -TERM PID`
-        driver.wait(120)
+        os.killpg(driver.pid, signal.SIGTERM)  # the driver and its Ray's processes, as `timeout` does
+        driver.wait(50)  # the GCS wait alone was 60 s
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     out = log.read_text()
     assert driver.returncode == 143, out[-3000:]
+    _wait(lambda: not _group(driver.pid), 10, "the driver's Ray to be shut down")
     assert "stopped by SIGTERM — continue with `ltsearch search" in out and "--resume" in out
     assert "Traceback" not in out and "Fatal" not in out and "*** SIG" not in out
     trials = _trials(folder)
@@ -469,3 +487,33 @@ def test_sighup_and_sigterm_reach_whatever_handles_ctrl_c_and_wait_while_records
         assert signal.getsignal(signal.SIGTERM) == term_before
     finally:
         signal.signal(signal.SIGINT, saved)
+
+
+def _signals(pid: int, field: str) -> set[int]:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field))
+    mask = int(line.split()[1], 16)
+    return {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if mask >> (s - 1) & 1}
+
+
+def test_processes_started_while_children_are_spared_hold_a_stop_pending_and_the_driver_does_not():
+    """What keeps a search's local Ray up under a stop meant for the job: its processes are
+    started with SIGTERM and SIGHUP blocked (a stop stays pending, never delivered, until
+    `ray.shutdown` kills them); the driver's own mask is as it was."""
+    from ltsearch.search.signals import spared_children
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with spared_children():
+        spared = subprocess.Popen(sleep)
+    plain = subprocess.Popen(sleep)
+    try:
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert _signals(spared.pid, "SigBlk:") == {signal.SIGTERM, signal.SIGHUP}
+        assert _signals(plain.pid, "SigBlk:") == set()
+        for proc in (spared, plain):
+            proc.send_signal(signal.SIGTERM)
+        assert plain.wait(10) == -signal.SIGTERM
+        assert _signals(spared.pid, "ShdPnd:") == {signal.SIGTERM} and spared.poll() is None
+    finally:
+        for proc in (spared, plain):
+            proc.kill()
+            proc.wait()

@@ -24,6 +24,7 @@ from typing import Optional
 from ltsearch.config import ConfigError, writable_folder
 from ltsearch.runconfig import config_from_dict
 from ltsearch.search.records import CONFIRM_OF, ONGOING
+from ltsearch.search.signals import StopSignals, spared_children
 from ltsearch.search.tracker import TrackingError
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,6 @@ def run_search(space, *, name: str, storage: str | Path = "searches", address: O
     address = resolve_address(address)
     if address is None:
         check_machine_holds(space.settings.resources)
-    from ltsearch.search.signals import StopSignals
-
     stops = StopSignals()
     if threading.current_thread() is threading.main_thread():
         stops.install()
@@ -563,8 +562,9 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
     if started:
         # "local" starts a fresh instance: without it Ray would join whatever cluster
         # /tmp/ray/ray_current_cluster names (a user's `ray start`, or a stale one).
-        ray.init(address=address or "local", include_dashboard=False,
-                 log_to_driver=verbose > 1, configure_logging=False)
+        with spared_children():  # a stop for the job reaches the driver, not its Ray
+            ray.init(address=address or "local", include_dashboard=False,
+                     log_to_driver=verbose > 1, configure_logging=False)
     if search.stops is not None and threading.current_thread() is threading.main_thread():
         search.stops.install()  # ray.init replaced them with handlers that abort the driver
     if verbose < 1:  # Tune's current console output prints its set-up even when told silent
