@@ -103,13 +103,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from ltsearch.search.run import main_search
+    from ltsearch.search.command import main_search
 
     return main_search(args)
 
 
 def cmd_confirm(args) -> int:
-    from ltsearch.search.confirm import main_confirm
+    from ltsearch.search.command import main_confirm
 
     return main_confirm(args)
 

@@ -354,6 +354,49 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
     assert {k: runs[k] for k in rewound} == {k: want[after[k]["status"]] for k in rewound}
 
 
+def _stale_searcher_state(folder: Path, live: str, counter: int) -> None:
+    """Tune's searcher snapshot as it was while trial ``live`` ran, beside a newer experiment
+    snapshot: what a full disk leaves when one of Tune's files was written and the other not."""
+    import cloudpickle
+
+    path = max((folder / "ray").glob("search_gen_state-*.json"))
+    state = cloudpickle.loads(path.read_bytes())
+    limiter = next(v for k, v in state.items() if k.startswith("name:"))
+    limiter.update(live_trials={live}, num_unfinished_live_trials=1)
+    state["counter"] = counter
+    path.write_bytes(cloudpickle.dumps(state))
+
+
+def test_a_resume_from_tune_snapshots_out_of_step_finishes(finished, tmp_path, capsys):
+    """A resume from snapshot files a full disk left out of step (the searcher's older than the
+    experiment's: it still counts an ended trial as running) used to wait for ever: the
+    concurrency limit full of a trial Tune never runs again, no trial running."""
+    import threading
+
+    folder, path, uri = finished
+    copy = _copy(folder, tmp_path)
+    before = _trials(copy)
+    order = sorted(before, key=lambda k: before[k]["started_at"])
+    _rewind_snapshot(copy, order[-1:])  # the last trial unfinished in the experiment's snapshot
+    _stale_searcher_state(copy, live=order[-2], counter=len(order) - 1)  # the one before, running
+    capsys.readouterr()
+    watchdog = threading.Timer(150, os.kill, (os.getpid(), signal.SIGINT))  # a hang: Ctrl-C
+    watchdog.start()
+    try:
+        code = main(["search", str(path), "--resume", "--name", "f", "--storage", str(tmp_path / "searches"),
+                     "--tracking-uri", uri, "--confirm", "1:1"])
+    finally:
+        watchdog.cancel()
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.out[-3000:] + resumed.err[-3000:]
+    after = _trials(copy)
+    own = {k: r for k, r in after.items() if not r.get("confirm_of")}
+    assert {k: r["status"] for k, r in own.items()} == {k: r["status"] for k, r in before.items()}
+    assert [r["status"] for r in after.values() if r.get("confirm_of")] == ["COMPLETED"]
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{copy / 'optuna.db'}")
+    assert len(study.trials) == len(before)  # no trial beyond the four asked for
+
+
 def _group(pgid: int) -> list[int]:
     """The live processes of a process group (zombies are dead)."""
     pids = []

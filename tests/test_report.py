@@ -123,7 +123,7 @@ def test_bad_confirm_and_pareto_input_exits_2_naming_it(confirmed, tmp_path, cap
 
 
 def test_confirm_flag_reads_top_and_seeds():
-    from ltsearch.search.run import parse_confirm
+    from ltsearch.search.command import parse_confirm
 
     assert parse_confirm("3:5") == {"top": 3, "seeds": 5} and parse_confirm(None) is None
     for bad in ("3", "3:", "a:b", "1:2:3", "-1:2"):

@@ -78,18 +78,22 @@ def _interrupted_as_the_readme_says(uri: str, study, records: dict) -> None:
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t not in waiting)
 
 
-def test_ctrl_c_then_resume(tmp_path, ray_local, capsys):
+def test_ctrl_c_then_resume(tmp_path, ray_address, session_hold, capsys):
     """Ctrl-C used to exit 0 with the parent run FINISHED, the running Optuna trials FAIL and
-    trials.json RUNNING; after --resume TPE never learned those trials' results."""
+    trials.json RUNNING; after --resume TPE never learned those trials' results. (The driver
+    joins the session's Ray: a stop with a local Ray of the driver's own is the group-SIGTERM
+    test's, tests/test_folder_endings.py.)"""
     data = tiny_search(method={"ce": {}, "resample": {"sampler.name": {"choice": ["balanced", "sqrt"]}}})
     data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=3, max_concurrent=1, asha={"enabled": False})
     uri = fresh_store(tmp_path)
     cmd, folder = _search_cmd(tmp_path, data, "i", uri)
-    hold = Hold(tmp_path / "hold")
+    hold = session_hold
     hold.at("1-1")  # the second trial, after its first epoch
-    code, log = _ctrl_c(cmd, tmp_path / "first.log", lambda: hold.reached("1-1"),
-                        "the second trial after its first epoch", env=hold.env(_env()))
+    code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",
+                        lambda: hold.reached("1-1"), "the second trial after its first epoch")
+    hold.kill("1-1")
+    hold.clear()
     assert code == 130, log[-3000:]
     assert "interrupted — continue with `ltsearch search" in log and "--resume" in log
     records = _trials(folder)

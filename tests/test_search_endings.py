@@ -108,7 +108,7 @@ def test_a_cluster_named_by_auto_or_ray_address_must_answer_before_ray(tmp_path,
 def test_which_cluster_a_search_joins(tmp_path, monkeypatch):
     """Left out, `--address` is RAY_ADDRESS when set (as ray.init reads it), else a fresh local
     Ray; `auto` is RAY_ADDRESS, else the cluster `ray start` recorded; `local` is always fresh."""
-    from ltsearch.search.run import resolve_address
+    from ltsearch.search.checks import resolve_address
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -223,7 +223,8 @@ def test_a_finished_search_closes_trials_ray_never_recorded_as_lost(tmp_path):
     after Tune's last snapshot is INTERRUPTED in the records, but the resumed Tune never knew
     it: once the search finishes it used to stay INTERRUPTED, as if --resume could continue it."""
     from ltsearch.search.records import TrialRecords
-    from ltsearch.search.run import Search, finish_search
+    from ltsearch.search.finish import finish_search
+    from ltsearch.search.opened import Search
     from ltsearch.search.tracker import Tracker
 
     space = parse_search_file(tiny_search(method={"ce": {}}))
@@ -308,7 +309,7 @@ def test_a_trial_this_machine_cannot_hold_is_refused_before_ray(tmp_path, capsys
 def test_which_trials_a_rays_nodes_can_hold(ray_local):
     """Against a real Ray's nodes (the session's: 2 CPUs, no GPU): what a joined cluster is
     checked with once Ray is up (it warns there: an autoscaling cluster may add the node)."""
-    from ltsearch.search.run import nodes_for
+    from ltsearch.search.checks import nodes_for
     from ltsearch.search.space import Resources
 
     assert nodes_for(Resources(cpu=1, gpu=0)) == 1 and nodes_for(Resources(cpu=2, gpu=0)) == 1

@@ -153,7 +153,7 @@ def test_the_progress_line_counts_from_the_command_start_and_estimates_from_the_
             "epoch": 3, "total_epochs": 3, "val/balanced_acc": value}))
         return progress.out.getvalue().splitlines()[-1]
 
-    progress = ProgressCallback(tmp_path, space, out=io.StringIO(), began=-10.0, clock=lambda: now[0])
+    progress = ProgressCallback(records, space, out=io.StringIO(), began=-10.0, clock=lambda: now[0])
     now[0] = 5.0  # Ray and Tune took 15 s: the first trials start
     start(progress, "a")
     start(progress, "b")
@@ -164,7 +164,7 @@ def test_the_progress_line_counts_from_the_command_start_and_estimates_from_the_
 
     # resumed by another driver: the trials that ended before it do not speed up its estimate
     now[0] = 100.0
-    resumed = ProgressCallback(tmp_path, space, out=io.StringIO(), began=90.0, clock=lambda: now[0])
+    resumed = ProgressCallback(records, space, out=io.StringIO(), began=90.0, clock=lambda: now[0])
     now[0] = 104.0
     start(resumed, "c")
     now[0] = 114.0

@@ -11,7 +11,6 @@ import math
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 from ray.tune import Callback
@@ -49,29 +48,26 @@ def tracked_metrics(result: dict, part_metrics) -> dict:
             and ("/" in k or k in TRAINER_METRICS or k in part_metrics)}
 
 
-def ended_before(folder: Path) -> frozenset:
-    """Trials the records hold as ended when a driver starts: a resume restores one that Tune's
-    older snapshot held unfinished, and it must stay as recorded (``run_trial`` skips it)."""
-    return frozenset(k for k, r in TrialRecords(folder).trials.items() if r["status"] not in ONGOING)
-
-
 class SearchCallback(Callback):
-    def __init__(self, folder: Path, space, tracker: Tracker):
-        self.folder = Path(folder)
+    """Keeps the search's records (the driver's one :class:`TrialRecords`, which every stage
+    reads) and its tracker current with each trial event."""
+
+    def __init__(self, records: TrialRecords, space, tracker: Tracker):
+        self.records = records
         self.space = space
         self.tracker = tracker
         self.part_metrics = reported_metrics()
         self.started: set[str] = set()  # trials the tracker has opened in this driver
         self.configs: dict[str, dict] = {}  # trial id → its full config (built once)
-        self.ended = ended_before(self.folder)  # not run again: their events change nothing
+        self.ended = records.ended()  # not run again: their events change nothing
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; a restore replaces them
-        return {"folder": self.folder, "space": self.space, "tracker": Tracker(),
+        return {"records": None, "space": self.space, "tracker": Tracker(),
                 "part_metrics": self.part_metrics, "started": set(), "configs": {},
                 "ended": frozenset()}
 
     def _records(self) -> TrialRecords:
-        return TrialRecords(self.folder)
+        return self.records
 
     def _config(self, trial) -> dict:
         if trial.trial_id not in self.configs:
@@ -196,9 +192,9 @@ class ProgressCallback(Callback):
     ``clock``), an estimate of what is left, the best so far. On a terminal the progress line is
     a bar redrawn in place; in a log it follows each trial's end."""
 
-    def __init__(self, folder: Path, space, out=None, confirming: bool = False,
+    def __init__(self, records: TrialRecords, space, out=None, confirming: bool = False,
                  began: Optional[float] = None, clock=time.monotonic):
-        self.folder = Path(folder)
+        self.records = records  # the search's, kept current by its SearchCallback
         self.space = space
         self.out = out or sys.stdout
         self.tty = self.out.isatty()
@@ -210,15 +206,15 @@ class ProgressCallback(Callback):
         self.began = clock() if began is None else began
         self.drawn = 0.0
         self.done_before = self._counts()[0]  # trials that ended before this driver (a resume)
-        self.ended = ended_before(self.folder)
+        self.ended = records.ended()
         self.first_start: Optional[float] = None  # this driver's first trial start
 
     def __getstate__(self):
-        return {**self.__dict__, "out": None}
+        return {**self.__dict__, "out": None, "records": None}
 
     def _counts(self) -> tuple[int, Optional[dict]]:
         """Trials ended so far, and the best of them by the search's metric."""
-        records = TrialRecords(self.folder)
+        records = self.records
         ended = sum(r["status"] not in ONGOING for r in records.trials.values()
                     if bool(r.get(CONFIRM_OF)) == self.confirming)
         if self.confirming:

@@ -11,16 +11,14 @@ more configs runs only what is new.
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import CONFIRM_OF, ONGOING, SEED, TrialRecords
-from ltsearch.search.results import CONFIRM_PREFIX, read_info
-from ltsearch.search.run import (RAY_SUBDIR, Search, SearchStopped, confirming, print_stopped,
-                                 print_summary, run_search, trainable_for)
+from ltsearch.search.opened import Search
+from ltsearch.search.records import CONFIRM_OF, ONGOING, SEED
+from ltsearch.search.results import CONFIRM_PREFIX
 
 
 class Points(Searcher):
@@ -52,7 +50,7 @@ def confirmation_points(search: Search) -> list[dict]:
     """The Tune configs of the confirmation runs still to do: each of the K best trials that ran
     to the end with S fresh seeds (its own seed + 1 … + S), less those already run to the end."""
     settings = search.space.settings
-    records = TrialRecords(search.folder)
+    records = search.records
     done = {(r[CONFIRM_OF], r[SEED]) for r in records.trials.values()
             if r.get(CONFIRM_OF) and r["status"] == "COMPLETED"}
     points = []
@@ -68,7 +66,7 @@ def confirmation_points(search: Search) -> list[dict]:
 
 def open_runs(search: Search) -> list[dict]:
     """Confirmation runs an interrupted round left unfinished: resumed before anything new."""
-    return [r for r in TrialRecords(search.folder).trials.values()
+    return [r for r in search.records.trials.values()
             if r.get(CONFIRM_OF) and r["status"] in ONGOING]
 
 
@@ -85,26 +83,26 @@ def run_confirmation(search: Search, verbose: int) -> str:
     from ltsearch.search.ray_private import replace_restored_callbacks
 
     space, settings = search.space, search.space.settings
-    ended = len(TrialRecords(search.folder).ranked(settings.metric, settings.mode))
+    ended = len(search.records.ranked(settings.metric, settings.mode))
     if settings.confirm.top > ended:  # a search's own --confirm K:S asked for more than ended
         print(f"confirming: {ended} of the {settings.confirm.top} trials asked for ran to the end",
               flush=True)
         settings.confirm.top = ended
 
     def callbacks():
-        return [SearchCallback(search.folder, space, search.tracker),
-                ProgressCallback(search.folder, space, confirming=True, began=search.began)]
+        return [SearchCallback(search.records, space, search.tracker),
+                ProgressCallback(search.records, space, confirming=True, began=search.began)]
 
     def ending(grid, asked: int) -> str:
         search.tune_trial_ids |= {r.metrics.get("trial_id") for r in grid if r.metrics}
-        unfinished = [k for k, r in TrialRecords(search.folder).trials.items()
+        unfinished = [k for k, r in search.records.trials.items()
                       if r["status"] == "RUNNING" and k in search.tune_trial_ids]
         return "interrupted" if unfinished or len(grid) < asked else "finished"
 
     rounds = sorted((p for p in search.folder.glob(f"{CONFIRM_PREFIX}*") if p.is_dir()),
                     key=lambda p: int(p.name.removeprefix(CONFIRM_PREFIX)))
     if open_runs(search) and rounds and (rounds[-1] / "tuner.pkl").is_file():
-        tuner = tune.Tuner.restore(str(rounds[-1]), trainable=trainable_for(search), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(rounds[-1]), trainable=search.trainable(), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         replace_restored_callbacks(tuner, callbacks())
         if ending(tuner.fit(), 0) != "finished":
@@ -112,12 +110,11 @@ def run_confirmation(search: Search, verbose: int) -> str:
     points = confirmation_points(search)
     if not points:
         return "finished"
-    top, seeds = settings.confirm.top, settings.confirm.seeds
-    print(f"confirming {confirming(top, seeds)}: {len(points)} run{'s' if len(points) > 1 else ''} "
+    print(f"confirming {settings.confirm.said()}: {len(points)} run{'s' if len(points) > 1 else ''} "
           "to do", flush=True)
     searcher = Points(points, settings.metric, settings.mode)
     tuner = tune.Tuner(
-        trainable_for(search),
+        search.trainable(),
         tune_config=tune.TuneConfig(
             metric=settings.metric, mode=settings.mode, num_samples=len(points),
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
@@ -128,38 +125,3 @@ def run_confirmation(search: Search, verbose: int) -> str:
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     return ending(tuner.fit(), len(points))
-
-
-def main_confirm(args) -> int:
-    """``ltsearch confirm SEARCH_DIR --top K --seeds S``."""
-    from ltsearch.search.space import load_search_file
-
-    folder = Path(args.search_dir).resolve()
-    if not (folder / RAY_SUBDIR / "tuner.pkl").is_file() or not (folder / "search.yaml").is_file():
-        raise ConfigError("search_dir", f"{folder} is not a search folder (no search.yaml and ray/)")
-    for flag, value in (("--top", args.top), ("--seeds", args.seeds)):
-        if value < 1:
-            raise ConfigError(flag, f"must be >= 1, got {value}")
-    info = read_info(folder)
-    stored = load_search_file(folder / "search.yaml").settings
-    ended = len(TrialRecords(folder).ranked(stored.metric, stored.mode))
-    if not ended:
-        raise ConfigError("search_dir", f"no trial of the search in {folder} ran to the end: "
-                                        "there is nothing to confirm")
-    if args.top > ended:  # count what exists
-        print(f"--top {args.top}: the search has {ended} trial{'s' * (ended != 1)} that ran to "
-              f"the end; confirming {'it' if ended == 1 else 'those'}", flush=True)
-        args.top = ended
-    overrides = {"confirm": {"top": args.top, "seeds": args.seeds},
-                 "tracking": "none" if args.no_tracking else info.get("tracking")}
-    space = load_search_file(folder / "search.yaml", overrides)
-    try:
-        outcome = run_search(space, name=folder.name, storage=folder.parent, address=args.address,
-                             tracking_uri=args.tracking_uri or info.get("tracking_uri") or None,
-                             verbose=args.verbose, confirm_only=True, began=args.began)
-    except SearchStopped as stop:
-        return print_stopped(stop, folder.name, space,
-                      f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}")
-    print_summary(outcome, folder.name, space)
-    sys.stdout.flush()
-    return 0

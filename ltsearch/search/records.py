@@ -69,6 +69,12 @@ class TrialRecords:
             tmp.unlink(missing_ok=True)
             raise OSError(e.errno, e.strerror, str(self.path)) from None
 
+    def ended(self) -> frozenset:
+        """The trials that have ended. Those ended when a driver starts stay as recorded: a
+        resume restores one that Tune's older snapshot held unfinished, and ``run_trial``
+        skips it."""
+        return frozenset(k for k, r in self.trials.items() if r["status"] not in ONGOING)
+
     def update(self, trial_id: str, **fields) -> None:
         self.trials.setdefault(trial_id, {"trial_id": trial_id}).update(fields)
         self.save()

@@ -140,6 +140,12 @@ class ConfirmSettings:
                                  "budget with fresh seeds (0: no confirmation)")
     seeds: int = spec(3, ge=1, doc="fresh seeds per confirmed config")
 
+    def said(self) -> str:
+        """What confirmation re-trains, in words."""
+        top, seeds = self.top, self.seeds
+        return (f"{'the best config' if top == 1 else f'the {top} best configs'} with {seeds} fresh "
+                f"seed{'s' if seeds > 1 else ''}{' each' if top > 1 else ''}")
+
 
 
 
