@@ -4,7 +4,7 @@ import optuna
 from ray import tune
 
 from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
-                                         replace_restored_scheduler)
+                                         replace_restored_scheduler, restored_search_alg)
 from ltsearch.search.rungs import RUNG_VALUES
 
 
@@ -35,6 +35,15 @@ def test_tuner_tune_config_scheduler(tmp_path):
     scheduler = FIFOScheduler()
     replace_restored_scheduler(tuner, scheduler)
     assert tuner._local_tuner._tune_config.scheduler is scheduler
+
+
+def test_tuner_tune_config_search_alg(tmp_path):
+    from ray.tune.search import BasicVariantGenerator
+
+    searcher = BasicVariantGenerator()
+    tuner = tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(search_alg=searcher),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path)))
+    assert restored_search_alg(tuner) is searcher
 
 
 def test_tuner_run_config_callbacks(tmp_path):

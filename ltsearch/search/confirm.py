@@ -13,9 +13,10 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import Searcher
 
 from ltsearch.config import ConfigError
+from ltsearch.search.limiter import SearchLimiter, agreeing
 from ltsearch.search.opened import Search
 from ltsearch.search.records import CONFIRM_OF, ONGOING, SEED
 from ltsearch.search.results import CONFIRM_PREFIX
@@ -80,7 +81,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     from ray import tune
 
     from ltsearch.search.callbacks import ProgressCallback, SearchCallback
-    from ltsearch.search.ray_private import replace_restored_callbacks
+    from ltsearch.search.ray_private import replace_restored_callbacks, restored_search_alg
 
     space, settings = search.space, search.space.settings
     ended = len(search.records.ranked(settings.metric, settings.mode))
@@ -104,7 +105,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     if open_runs(search) and rounds and (rounds[-1] / "tuner.pkl").is_file():
         tuner = tune.Tuner.restore(str(rounds[-1]), trainable=search.trainable(), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        replace_restored_callbacks(tuner, callbacks())
+        replace_restored_callbacks(tuner, callbacks() + agreeing(restored_search_alg(tuner)))
         if ending(tuner.fit(), 0) != "finished":
             return "interrupted"
     points = confirmation_points(search)
@@ -117,7 +118,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
         search.trainable(),
         tune_config=tune.TuneConfig(
             metric=settings.metric, mode=settings.mode, num_samples=len(points),
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+            search_alg=SearchLimiter(searcher, settings.max_concurrent, len(points)),
             reuse_actors=settings.reuse_workers),
         run_config=tune.RunConfig(
             name=f"{CONFIRM_PREFIX}{len(rounds) + 1}", storage_path=str(search.folder),

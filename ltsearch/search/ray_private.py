@@ -8,6 +8,9 @@ loudly when a Ray release changes one of them.
   pickled ones hold a closed MLflow client and a stale records path.
 - ``Tuner._local_tuner._tune_config.scheduler``: ``Tuner.restore`` takes no scheduler, and the
   one it unpickles is as it was created, before any rung was recorded.
+- ``Tuner._local_tuner._tune_config.search_alg``: the searcher ``Tuner.restore`` unpickled, which
+  Tune then restores in place from its snapshot (no public API hands it over); a restored
+  :class:`ltsearch.search.limiter.SearchLimiter` is told Tune's trials through it.
 - ``Trial.storage.trial_fs_path`` and ``Trial.local_path``: where a trial's own result files lie
   and where Tune stages the ones it syncs over them (no public API names either).
 - ``ray._private.utils.read_ray_address`` and ``ray._common.utils.get_default_ray_temp_dir``:
@@ -86,6 +89,10 @@ def replace_restored_callbacks(tuner, callbacks: list) -> None:
 
 def replace_restored_scheduler(tuner, scheduler) -> None:
     tuner._local_tuner._tune_config.scheduler = scheduler
+
+
+def restored_search_alg(tuner):
+    return tuner._local_tuner._tune_config.search_alg
 
 
 def keep_results(trial) -> None:

@@ -315,11 +315,11 @@ def execute_search(search: Search, address: Optional[str], verbose: int,
 def _tune(search: Search, verbose: int) -> str:
     import optuna
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
     from ltsearch.search.callbacks import ProgressCallback, ReportPreload, SearchCallback
+    from ltsearch.search.limiter import SearchLimiter, agreeing
     from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
-                                             replace_restored_scheduler)
+                                             replace_restored_scheduler, restored_search_alg)
     space, settings = search.space, search.space.settings
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
     trainable = search.trainable()
@@ -331,7 +331,7 @@ def _tune(search: Search, verbose: int) -> str:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        replace_restored_callbacks(tuner, callbacks)
+        replace_restored_callbacks(tuner, callbacks + agreeing(restored_search_alg(tuner)))
         # Tune restores its scheduler as it was created: the rungs come back from the records
         replace_restored_scheduler(tuner, make_scheduler(settings, search.records.trials))
     else:
@@ -347,7 +347,7 @@ def _tune(search: Search, verbose: int) -> str:
             trainable,
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+                search_alg=SearchLimiter(searcher, settings.max_concurrent, settings.num_samples),
                 scheduler=scheduler, reuse_actors=settings.reuse_workers),
             run_config=tune.RunConfig(
                 name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks,

@@ -1,0 +1,67 @@
+"""One trial at a time (or ``search.max_concurrent``), as Ray Tune's ConcurrencyLimiter, made to
+agree with the experiment it is restored into.
+
+Tune snapshots its experiment (the trials) and its searcher (the limiter's running trials, the
+count of trials suggested) in separate files, one after the other. A full disk, or a driver
+killed between the two, can leave the searcher's older: it still counts as running a trial that
+the experiment's snapshot holds ended and Tune never runs again. Restored so, the limit stays
+full for ever, no trial runs, and the resumed search waits for ever (seen after a full disk);
+its count of trials is behind too, so with room it would start one more than asked. At the
+first step of a resumed run, :class:`AgreeWithTune` gives the limiter Tune's trials: running
+trials Tune does not hold unfinished are forgotten, and no trial is suggested past
+``num_samples`` trials that Tune holds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from ray.tune import Callback
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+log = logging.getLogger(__name__)
+
+
+class SearchLimiter(ConcurrencyLimiter):
+    def __init__(self, searcher: Searcher, max_concurrent: int, num_samples: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.num_samples = num_samples
+        self.tune_trials: Optional[int] = None  # the trials Tune holds, once told (a resume)
+
+    def agree_with(self, trials: list) -> None:
+        unfinished = {t.trial_id for t in trials if not t.is_finished()}
+        stale = self.live_trials - unfinished
+        if stale:
+            log.info("Tune's searcher snapshot is older than its experiment's: %s no longer "
+                     "running", ", ".join(sorted(stale)))
+            self.live_trials -= stale
+            self.num_unfinished_live_trials = len(self.live_trials)
+        self.tune_trials = len(trials)
+
+    def suggest(self, trial_id: str):
+        if self.tune_trials is not None and self.tune_trials >= self.num_samples:
+            return Searcher.FINISHED
+        suggestion = super().suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED) and self.tune_trials is not None:
+            self.tune_trials += 1
+        return suggestion
+
+
+class AgreeWithTune(Callback):
+    """Hands a restored :class:`SearchLimiter` the trials Tune restored, once, before any event
+    is processed (later, a trial Tune has ended may not yet have been reported to it)."""
+
+    def __init__(self, limiter: SearchLimiter):
+        self.limiter = limiter
+        self.done = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info):
+        if not self.done:
+            self.done = True
+            self.limiter.agree_with(trials)
+
+
+def agreeing(search_alg) -> list:
+    """The callback that makes a restored limiter agree with Tune, if it is one (a search
+    started by an older ltsearch restores Tune's own ConcurrencyLimiter)."""
+    return [AgreeWithTune(search_alg)] if isinstance(search_alg, SearchLimiter) else []
