@@ -465,11 +465,11 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
     assert {r.info.status for r in client.search_runs([exp])} == {"FINISHED"}
 
 
-def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address):
+def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address, capsys):
     """A search folder on a 12 MB tmpfs that fills up mid-search used to print ~250 lines of
-    tracebacks, then "everything recorded is closed" while MLflow runs stayed RUNNING. (Whether
-    `--resume` then finishes depends on which of Tune's own snapshot files the full disk cut
-    short: not tested, see the README.)"""
+    tracebacks, then "everything recorded is closed" while MLflow runs stayed RUNNING. Once
+    space is freed, `--resume` finishes in agreement, or, where the full disk cut one of Tune's
+    snapshot files short, refuses it by name (which one depends on the moment)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)],
@@ -499,6 +499,21 @@ def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address):
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("ltsearch").experiment_id
         assert "RUNNING" not in {r.info.status for r in client.search_runs([exp])}
+
+        filler.unlink()  # space freed: the resume finishes in agreement, or refuses a file
+        capsys.readouterr()  # the full disk cut short by name (restore it from a copy)
+        code = main(cmd[1:] + ["--resume"])
+        said = capsys.readouterr()
+        if code == 2:
+            err = said.err.strip().splitlines()
+            assert len(err) == 1 and str(folder) in err[0] and "damaged" in err[0], said.err
+        else:
+            assert code == 0, said.out[-3000:] + said.err[-3000:]
+            trials = _trials(folder)
+            assert len(trials) >= 3 and {r["status"] for r in trials.values()} <= {"COMPLETED", "LOST"}
+            study = optuna.load_study(study_name="d", storage=f"sqlite:///{folder / 'optuna.db'}")
+            assert {t.state.name for t in study.trials} <= {"COMPLETE", "FAIL"}
+            assert {r.info.status for r in client.search_runs([exp])} == {"FINISHED"}
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
