@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ltsearch.search.opened import Search
-from ltsearch.search.records import ONGOING
+from ltsearch.search.records import ONGOING, TrialRecords
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SearchOutcome:
     folder: Path
-    records: "object"
+    records: TrialRecords
     best_config: Optional[Path]
     leaderboard: str
     parent_run_id: str

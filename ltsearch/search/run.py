@@ -320,6 +320,7 @@ def _tune(search: Search, verbose: int) -> str:
     from ltsearch.search.limiter import SearchLimiter, agreeing
     from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
                                              replace_restored_scheduler, restored_search_alg)
+
     space, settings = search.space, search.space.settings
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
     trainable = search.trainable()
