@@ -66,9 +66,6 @@ class SearchCallback(Callback):
                 "part_metrics": self.part_metrics, "started": set(), "configs": {},
                 "ended": frozenset()}
 
-    def _records(self) -> TrialRecords:
-        return self.records
-
     def _config(self, trial) -> dict:
         if trial.trial_id not in self.configs:
             self.configs[trial.trial_id] = self.space.trial_config(trial.config)
@@ -93,7 +90,7 @@ class SearchCallback(Callback):
             return
         began = time.perf_counter()
         cfg = self._config(trial)
-        rec = self._records()
+        rec = self.records
         old = rec.trials.get(trial.trial_id, {})
         self._open(trial)
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
@@ -106,7 +103,7 @@ class SearchCallback(Callback):
         if trial.trial_id in self.ended:
             return
         began = time.perf_counter()
-        rec = self._records()
+        rec = self.records
         self._open(trial)
         self.tracker.log(trial.trial_id, int(result.get("epoch", 0)),
                          tracked_metrics(result, self.part_metrics))
@@ -119,7 +116,7 @@ class SearchCallback(Callback):
         if trial.trial_id in self.ended:
             return
         began = time.perf_counter()
-        rec = self._records()
+        rec = self.records
         self._open(trial)
         self.tracker.end_trial(trial.trial_id, status, self._config(trial), trial.last_result or {},
                                error)
