@@ -218,8 +218,14 @@ class Hold:
             time.sleep(0.05)
 
 
-def _state(pid: int) -> str:
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command's name (state, ppid, pgid, …); none for a
+    process that is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "Z"
+        return []
+
+
+def _state(pid: int) -> str:
+    return (proc_stat(pid) or ["Z"])[0]

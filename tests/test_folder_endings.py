@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import fresh_store, tiny_search
+from conftest import fresh_store, proc_stat, tiny_search
 from ltsearch.cli import main
 from procs import _wait
 
@@ -396,15 +396,8 @@ def test_a_resume_from_tune_snapshots_out_of_step_finishes(finished, tmp_path, r
 
 def _group(pgid: int) -> list[int]:
     """The live processes of a process group (zombies are dead)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+    pids = [int(d.name) for d in Path("/proc").glob("[0-9]*")]
+    return [pid for pid in pids if (f := proc_stat(pid)) and int(f[2]) == pgid and f[0] != "Z"]
 
 
 def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
