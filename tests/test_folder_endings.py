@@ -486,7 +486,9 @@ def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address, capsys):
         out = driver.communicate(timeout=300)[0]
         assert driver.returncode == 1, out[-3000:]
         errors = [line for line in out.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "No space left on device" in errors[0] and str(folder) in errors[0], out[-3000:]
+        assert len(errors) == 1 and str(folder) in errors[0], out[-3000:]  # (which file: the moment's)
+        assert ("No space left on device" in errors[0]
+                or "database or disk is full (the Optuna study)" in errors[0]), out[-3000:]
         assert "Traceback" not in out, out[-3000:]
         assert "not written: " in out and "closes every record" in out and "--resume" in out, out[-3000:]
         client = MlflowClient(uri)
@@ -509,6 +511,47 @@ def test_a_full_disk_ends_like_a_driver_error(tmp_path, ray_address, capsys):
             assert {r.info.status for r in client.search_runs([exp])} == {"FINISHED"}
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_the_studys_database_on_a_full_disk_is_named(tmp_path):
+    """The Optuna study's sqlite on a full disk says "database or disk is full" through
+    sqlalchemy, Optuna and Tune: the search's error line names the study's file, as an OSError
+    does. Here the database is held at its size (sqlite's max_page_count) rather than its disk
+    filled; any other error of the same chain is left as it is."""
+    import sqlite3
+
+    import sqlalchemy
+    from ray.tune.error import TuneError
+
+    from ltsearch.search.run import _own_cause
+
+    db = tmp_path / "optuna.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    with sqlite3.connect(db) as conn:
+        pages = conn.execute("pragma page_count").fetchone()[0]
+    sqlalchemy.event.listen(storage.engine, "connect",
+                            lambda conn, _: conn.execute(f"pragma max_page_count={pages}"))
+    storage.engine.dispose()  # every connection from now on holds the file at its size
+
+    def wrapped(fail):
+        try:
+            try:
+                fail()
+            except Exception as e:
+                raise TuneError("Traceback (most recent call last): …") from e
+        except TuneError as e:
+            return _own_cause(e, db)
+
+    def fill():
+        for i in range(10_000):
+            study.ask().suggest_float("x", 0.0, 1.0)
+
+    cause = wrapped(fill)
+    assert isinstance(cause, OSError) and cause.filename == str(db), repr(cause)
+    assert "database or disk is full (the Optuna study)" in cause.strerror
+    other = wrapped(lambda: optuna.load_study(study_name="missing", storage=storage))
+    assert type(other).__name__ == "KeyError"
 
 
 def test_sighup_and_sigterm_reach_whatever_handles_ctrl_c_and_wait_while_records_close():

@@ -119,13 +119,14 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
                          search.stops.received if search.stops is not None else None, unclosed)
 
 
-def _disk_error(e: Optional[BaseException]) -> bool:
-    """A database error that is the disk's (sqlite: "database or disk is full", "disk I/O error")."""
+def _disk_error(e: Optional[BaseException | str]) -> bool:
+    """A database error that is the disk's (sqlite: "database or disk is full", "disk I/O error"),
+    in ``e``'s chain (or said by a message)."""
     while e is not None:  # Optuna wraps sqlalchemy's error, which wraps sqlite3's
         text = str(e).lower()
         if "disk is full" in text or "disk i/o error" in text or "no space left" in text:
             return True
-        e = e.__cause__ or e.__context__
+        e = None if isinstance(e, str) else e.__cause__ or e.__context__
     return False
 
 

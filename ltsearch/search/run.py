@@ -11,16 +11,18 @@ interrupt or an error too — closing every record in agreement and writing the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import threading
+import traceback
 from pathlib import Path
 from typing import Optional
 
 from ltsearch.config import ConfigError
 from ltsearch.search.checks import check_machine_holds, check_search, count, nodes_for, resolve_address
-from ltsearch.search.finish import SearchOutcome, SearchStopped, finish_search
+from ltsearch.search.finish import SearchOutcome, SearchStopped, _disk_error, finish_search
 from ltsearch.search.opened import RAY_SUBDIR, Search
 from ltsearch.search.records import CONFIRM_OF, ONGOING
 from ltsearch.search.signals import StopSignals, spared_children
@@ -115,7 +117,7 @@ def _run_checked(search: Search, address: Optional[str], verbose: int, confirm_o
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before Tune's handler is set
         ending, cause = "interrupted", e
     except Exception as e:
-        ending, cause = "failed", _own_cause(e)
+        ending, cause = "failed", _own_cause(e, search.folder / "optuna.db")
     finally:
         with search.stops.closing_records():
             outcome = finish_search(search, ending, cause)
@@ -124,21 +126,32 @@ def _run_checked(search: Search, address: Optional[str], verbose: int, confirm_o
     return outcome
 
 
-def _own_cause(e: Exception) -> Exception:
+def _own_cause(e: Exception, study_file: Path) -> Exception:
     """Tune wraps what our callbacks raise in a TuneError whose message is the whole
     traceback; a lost tracking store (a TrackingError, one line by design) and a disk that
     failed (an OSError: full, gone) are shown as themselves, and so is whatever else a
-    TuneError wraps (the first exception of its chain)."""
+    TuneError wraps (the first exception of its chain). The study's sqlite on a full disk
+    says only "database or disk is full": that one is told as the disk error it is, naming
+    ``study_file``."""
     if isinstance(e.__context__, TrackingError):
         return e.__context__
     chain, seen = [], e
     while seen is not None and seen not in chain:
         if isinstance(seen, OSError):
             return seen
+        said = (str(seen.args[0] if seen.args else seen).splitlines() or [""])[0]
+        if _disk_error(said) and _raised_in(seen, "optuna"):
+            return OSError(errno.ENOSPC, f"{said} (the Optuna study)", str(study_file))
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     log.debug("the search stopped", exc_info=e)  # the whole traceback, for debug logging
     return chain[-1] if type(e).__name__ == "TuneError" else e
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+    """Whether ``e`` passed through ``package``'s code on its way up."""
+    part = f"{os.sep}{package}{os.sep}"
+    return any(part in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
 def _work_left(search: Search, confirm_only: bool) -> bool:
