@@ -44,6 +44,7 @@ def print_progress(metrics: dict, trainer) -> None:
 
 def cmd_train(args) -> int:
     from ltsearch.data import build_data
+    from ltsearch.models import check_model, identity
     from ltsearch.runconfig import dump_config, load_config, with_epochs
     from ltsearch.metrics import describe_groups
     from ltsearch.trainer import Trainer, resolve_device
@@ -62,6 +63,8 @@ def cmd_train(args) -> int:
     if args.time_limit is not None and not args.time_limit > 0:
         raise ConfigError("--time-limit", f"must be > 0 minutes, got {args.time_limit}")
     resolve_device(cfg.train.device)
+    check_model(cfg.model)  # the weights file is the architecture's, before the data loads
+    backbone = identity(cfg.model)
     out = writable_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")
     checkpoint = out / "checkpoint.pt"
     data = build_data(cfg.data)
@@ -91,7 +94,8 @@ def cmd_train(args) -> int:
 
     result = trainer.fit(on_epoch, time_limit_s=args.time_limit * 60 if args.time_limit else None)
     summary = {"status": result.status, "epochs": result.epochs, "error": result.error,
-               "device": str(trainer.device), "metrics": result.metrics, "history": result.history}
+               "device": str(trainer.device), "backbone": backbone, "metrics": result.metrics,
+               "history": result.history}
     (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=1))
     print(f"wrote {out / 'metrics.json'}")
     if result.status == "diverged":

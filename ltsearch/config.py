@@ -243,10 +243,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                  "resnet18", "resnet34", "resnet50"] = spec(
-        "resnet32", doc="resnet8 … resnet110 are the CIFAR ResNets (resnet32: LDAM-DRW's, BBN's); "
-        "resnet18, resnet34 and resnet50 are torchvision's")
+    arch: str = spec(
+        "resnet32", doc="resnet8 … resnet110 are the CIFAR ResNets (resnet32: LDAM-DRW's, BBN's), "
+        "resnet18, resnet34 and resnet50 torchvision's, all from scratch; any other name (or "
+        "timm:<name>) is a timm model, e.g. vit_base_patch16_224 (checked by ltsearch.models)")
+    weights: Optional[str] = spec(None, doc="timm models: a local weights file (safetensors, "
+                                  ".pth, .bin) or folder (a Hugging Face cache entry); never "
+                                  "downloaded")
+    options: dict = spec(factory=dict, doc="timm models: keyword arguments of timm.create_model "
+                         "(img_size, drop_path_rate, …)")
 
 
 @dataclass
@@ -312,6 +317,10 @@ class TrainConfig(OptimConfig):
     eval_every: int = spec(1, ge=1)
     eval_batch_size: Optional[int] = spec(None, ge=1, doc="default: 1024 on CUDA, 128 on CPU "
                                                "(large batches are slower on CPU)")
+    backbone_lr_factor: float = spec(1.0, gt=0.0, doc="stage 1: the backbone's own weights "
+                                     "learn at this factor of lr (the classifier and added modules at lr)")
+    layer_decay: Optional[float] = spec(None, gt=0.0, le=1.0, doc="stage 1: layer-wise lr "
+                                        "decay, the k-th of G layer groups at decay^(G-k) (MAE)")
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def check(self):

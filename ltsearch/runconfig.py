@@ -13,7 +13,8 @@ import yaml
 
 from ltsearch.config import (TOP_KEYS, Config, ConfigError, DataConfig, ModelConfig, _coerce,
                              from_dict, load_train, read_yaml)
-from ltsearch.recipes import check_recipe, load_recipe, scale_recipe
+from ltsearch.models import check_model, describe
+from ltsearch.recipes import check_backbone, check_recipe, load_recipe, scale_recipe
 
 
 def config_from_dict(data: Any) -> Config:
@@ -37,6 +38,8 @@ def config_from_dict(data: Any) -> Config:
                  model=from_dict(ModelConfig, data.get("model"), "model"),
                  train=train, method=recipe)
     check_recipe(cfg.method, cfg.train)
+    check_model(cfg.model, load=False)
+    check_backbone(cfg.method, describe(cfg.model), cfg.model.arch)
     return cfg
 
 

@@ -31,7 +31,7 @@ from ltsearch.data.device import DeviceImages, channel_stats
 from ltsearch.data.samplers import ClassIndex
 from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
-from ltsearch.models import build_body
+from ltsearch.models import build_body, preprocess
 from ltsearch.optim import SGD
 
 log = logging.getLogger(__name__)
@@ -83,18 +83,24 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.seed)
 
-        mean, std = channel_stats(data.train)
+        # A pretrained backbone's input: its size (resized on the device), mean and std; a
+        # network from scratch: the data's size and statistics.
+        pre = preprocess(cfg.model)
+        mean, std = ((torch.tensor(pre.mean), torch.tensor(pre.std)) if pre.mean is not None
+                     else channel_stats(data.train))
+        shape = dict(size=pre.size, interpolation=pre.interpolation, channels=pre.channels)
         aug = cfg.data.augment
-        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip)
-        self.val_set = DeviceImages(data.val, self.device, mean, std)
+        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
+                                      **shape)
+        self.val_set = DeviceImages(data.val, self.device, mean, std, **shape)
         self.test_set = (self.val_set if data.val is data.test else
-                         DeviceImages(data.test, self.device, mean, std))
+                         DeviceImages(data.test, self.device, mean, std, **shape))
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
                             self.device)
         self.method = Recipe(cfg.method, ctx, cfg.train)
         self.model = self.method.build_model(
-            lambda: build_body(cfg.model.arch, data.in_channels)).to(
+            lambda: build_body(cfg.model, data.in_channels)).to(
                 self.device, memory_format=torch.channels_last)
         self.phases = self.method.phases()
         self.total_epochs = sum(p.optim.epochs for p in self.phases)
@@ -127,9 +133,12 @@ class Trainer:
             p.requires_grad_(p in trainable)
         o = phase.optim
         exempt = self.method.no_decay(phase)
-        groups = [{"params": [p for p in params if p not in exempt]},
-                  {"params": [p for p in params if p in exempt], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        scales = self.method.lr_scales(phase)
+        by_kind: dict[tuple[bool, float], list] = {}  # (exempt from decay, lr factor) → params
+        for p in params:
+            by_kind.setdefault((p in exempt, scales.get(p, 1.0)), []).append(p)
+        groups = [{"params": ps, "lr_scale": scale, **({"weight_decay": 0.0} if free else {})}
+                  for (free, scale), ps in by_kind.items()]
         hyper = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
         # CUDA: one fused kernel for all parameters. CPU: the same arithmetic without
         # torch.optim, whose first use imports torch._dynamo (seconds per process).
@@ -160,7 +169,7 @@ class Trainer:
         phase = self.phases[index]
         lr = phase.optim.lr_at(e)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self._train_mode(phase)
 
         n = len(self.train_set)

@@ -15,13 +15,20 @@ class DeviceImages:
     (oneDNN) and GPU alike."""
 
     def __init__(self, images: ImageSet, device: torch.device, mean: torch.Tensor,
-                 std: torch.Tensor, crop_pad: int = 0, hflip: bool = False):
+                 std: torch.Tensor, crop_pad: int = 0, hflip: bool = False,
+                 size: tuple[int, int] | None = None, interpolation: str = "bilinear",
+                 channels: int | None = None):
         self.x = shared(np.ascontiguousarray(images.x)).to(device)
         self.y = shared(images.y).to(device)
         self.mean = mean.to(device).view(1, -1, 1, 1)
         self.std = std.to(device).view(1, -1, 1, 1)
         self.crop_pad = crop_pad
         self.hflip = hflip
+        # a pretrained backbone's input: resized here, one batch at a time (the stored images
+        # stay at their size), a grey image repeated to the channels the backbone was trained on
+        self.size = None if size is None or tuple(size) == tuple(self.x.shape[2:]) else tuple(size)
+        self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+        self.channels = channels
 
     def __len__(self):
         return len(self.y)
@@ -35,6 +42,11 @@ class DeviceImages:
         if augment and self.hflip:
             flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if self.channels is not None and x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        if self.size is not None:
+            smooth = {} if self.interpolation == "nearest" else {"align_corners": False}
+            x = torch.nn.functional.interpolate(x, size=self.size, mode=self.interpolation, **smooth)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last), self.y[idx]
 

@@ -87,6 +87,10 @@ class Method:
         """Parameters exempt from weight decay in ``phase``."""
         return set()
 
+    def lr_scales(self, phase: Phase) -> dict:
+        """Per-parameter factors of the phase's learning rate (absent: 1)."""
+        return {}
+
     def samplers(self, phase: Phase, epoch: int) -> list[Draw]:
         """Index streams for ``epoch`` (0-based, within ``phase``); one batch per stream per step."""
         raise NotImplementedError
@@ -191,6 +195,7 @@ class Registry:
 LOSSES = Registry("loss")
 ARCHS = Registry("arch")
 STAGE2 = Registry("stage2")
+FINETUNE = Registry("finetune")
 
 
 def import_parts(package: str, path) -> None:

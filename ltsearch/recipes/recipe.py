@@ -1,5 +1,5 @@
 """A recipe: the parts of a trial, composed (loss × class weights × sampler × mixup × architecture
-× second stage × post-hoc adjustment), and the one :class:`Method` the trainer runs.
+× fine-tuning × second stage × post-hoc adjustment), and the one :class:`Method` the trainer runs.
 
 ``method:`` in a config names a preset (:mod:`ltsearch.recipes.presets`) and may override any
 part; :func:`load_recipe` expands it into a :class:`RecipeConfig` and :func:`check_recipe` rejects
@@ -19,15 +19,16 @@ from ltsearch.recipes.losses.logit_adjust import log_priors
 from ltsearch.recipes.mixup import Mixer, MixupConfig
 from ltsearch.recipes.posthoc import PosthocConfig, adjust_logits
 from ltsearch.recipes.presets import PRESETS
-from ltsearch.recipes.protocol import ARCHS, LOSSES, STAGE2, Method, PartConfig, Phase
+from ltsearch.recipes.protocol import ARCHS, FINETUNE, LOSSES, STAGE2, Method, PartConfig, Phase
 from ltsearch.recipes.sampling import SamplerConfig, scheduled_sampler
 from ltsearch.recipes.weights import WeightsConfig, class_weights, objective
 
 # The kinds of part a method config may set, and what each is without a preset's say.
 DEFAULT_PARTS: dict[str, Any] = {"loss": {"name": "ce"}, "weights": None,
                                  "sampler": {"name": "instance"}, "mixup": None,
-                                 "arch": {"name": "plain"}, "stage2": None, "posthoc": None}
-REGISTRIES = {"loss": LOSSES, "arch": ARCHS, "stage2": STAGE2}
+                                 "arch": {"name": "plain"}, "finetune": {"name": "full"},
+                                 "stage2": None, "posthoc": None}
+REGISTRIES = {"loss": LOSSES, "arch": ARCHS, "finetune": FINETUNE, "stage2": STAGE2}
 SECTIONS = {"weights": WeightsConfig, "sampler": SamplerConfig, "mixup": MixupConfig,
             "posthoc": PosthocConfig}
 METHOD_KEYS = ("name", *DEFAULT_PARTS, "train")
@@ -41,6 +42,7 @@ class RecipeConfig:
     sampler: SamplerConfig
     weights: Optional[WeightsConfig] = None
     mixup: Optional[MixupConfig] = None
+    finetune: Optional[PartConfig] = None
     stage2: Optional[PartConfig] = None
     posthoc: Optional[PosthocConfig] = None
     train: dict = field(default_factory=dict)       # method.train: overrides of the train section
@@ -87,6 +89,8 @@ def describe(cfg: RecipeConfig) -> str:
         words.append(cfg.mixup.kind)
     if cfg.arch.name != "plain":
         words.append("bbn" if cfg.arch.name == "bilateral" else cfg.arch.name)
+    if cfg.finetune is not None and cfg.finetune.name != "full":
+        words.append(cfg.finetune.name)
     if cfg.stage2 is not None:
         words.append(cfg.stage2.name)
     if cfg.posthoc is not None:
@@ -97,7 +101,7 @@ def describe(cfg: RecipeConfig) -> str:
 def _merge(kind: str, preset: Any, override: Any) -> Any:
     """A part given in ``method:`` over the preset's: null removes it, another name replaces it,
     the same name (or none) updates its parameters (nested parts likewise)."""
-    if isinstance(override, str) and kind in ("loss", "arch", "stage2", "sampler"):
+    if isinstance(override, str) and kind in ("loss", "arch", "finetune", "stage2", "sampler"):
         override = {"name": override}
     if kind == "stage2" and isinstance(override, dict) and override.get("name") == "none":
         return None
@@ -186,6 +190,23 @@ def check_recipe(cfg: RecipeConfig, train: TrainConfig, prefix: str = "method") 
             LOSSES.parse(nested, f"{prefix}.stage2.loss")
 
 
+def check_backbone(cfg: RecipeConfig, backbone: dict, arch: str, prefix: str = "method") -> None:
+    """Rules against what the backbone offers (``backbone``: :func:`ltsearch.models.describe`
+    of ``arch``): a part that needs a conv map, a ResNet's residual blocks or a ViT's
+    transformer blocks is refused, naming its key, where the backbone has none."""
+    if not backbone["sequential"] and not ARCHS.get(cfg.arch.name).single_branch:
+        raise ConfigError(f"{prefix}.arch", f"arch {cfg.arch.name!r} splits the last residual block "
+                                            f"of one of our ResNets; {arch} has none")
+    if cfg.stage2 is not None and STAGE2.get(cfg.stage2.name).needs_conv_map and not backbone["conv_map"]:
+        raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} draws class activation "
+                                              f"maps from a convolutional feature map; {arch} gives tokens")
+    tune = FINETUNE.get(cfg.finetune.name)
+    if tune.name != "full" and not ARCHS.get(cfg.arch.name).single_branch:
+        raise ConfigError(f"{prefix}.finetune", f"finetune {tune.name!r} needs the plain network; "
+                                                f"arch {cfg.arch.name!r} has two branches")
+    tune.check(cfg.finetune.params, backbone, f"{prefix}.finetune")
+
+
 def check_counts(cfg: RecipeConfig, counts: list[int], prefix: str = "method") -> None:
     """Rules against the data's class counts (a part's ``check_counts``, such as feature_aug's
     tail split): a search checks them on the driver before Ray starts, a run when it builds."""
@@ -231,7 +252,10 @@ class Recipe(Method):
         self.stage2 = (STAGE2.get(cfg.stage2.name)(cfg.stage2.params, self)
                        if cfg.stage2 is not None else None)
         self.log_priors = log_priors(counts)
-        self._phases = [Phase("stage1", train)]
+        self.finetune = FINETUNE.get(cfg.finetune.name)(cfg.finetune.params)
+        self.pretrained: set = set()  # the body's own parameters (not the parts' additions)
+        self._phases = [Phase("stage1", train, classifier_only=self.finetune.frozen_body,
+                              params=lambda: self.finetune.trainable(self.model))]
         if self.stage2 is not None:
             for phase in type(self.stage2).phases(cfg.stage2.params, train):
                 phase.params = self.stage2.trainable
@@ -242,6 +266,9 @@ class Recipe(Method):
     def build_model(self, build_body):
         self.model = self.arch.build_model(build_body)
         self.init_bias(self.model, self.loss_fn)
+        if hasattr(self.model, "body"):
+            self.pretrained = set(self.model.body.parameters())
+            self.finetune.apply(self.model, self.ctx.num_classes)
         return self.model
 
     def init_bias(self, model, loss) -> None:
@@ -263,6 +290,24 @@ class Recipe(Method):
         loss = self._loss_of(phase)
         bias = getattr(self.model.classifier, "bias", None)
         return {bias} if loss is not None and not loss.decay_bias and bias is not None else set()
+
+    def lr_scales(self, phase):
+        """Stage 1: the backbone's own parameters at ``backbone_lr_factor`` × the lr, and with
+        ``layer_decay`` d the k-th of its G layer groups (stem first) at d^(G − k) — MAE's
+        layer-wise decay (He et al. 2022, ``util/lr_decay.py``; BEiT's), the classifier and the
+        parts' new modules at 1."""
+        t = self.train_cfg
+        if not self._first(phase) or (t.backbone_lr_factor == 1.0 and t.layer_decay is None):
+            return {}
+        from ltsearch.models import layer_groups
+
+        groups = layer_groups(self.model.body) if t.layer_decay is not None else []
+        scales = {p: t.backbone_lr_factor for p in self.pretrained}
+        for k, group in enumerate(groups):
+            for p in group:
+                if p in self.pretrained:
+                    scales[p] *= t.layer_decay ** (len(groups) - k)
+        return scales
 
     def on_phase_start(self, phase, phase_index, resumed):
         if not self._first(phase):

@@ -202,6 +202,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
 def _check_locked(space, name: str, folder: Path, tracking_uri: Optional[str], resume: bool) -> Search:
     from ltsearch.data import build_data
     from ltsearch.metrics import describe_groups, shot_groups
+    from ltsearch.models import check_model
     from ltsearch.search.tracker import make_tracker
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -225,6 +226,7 @@ def _check_locked(space, name: str, folder: Path, tracking_uri: Optional[str], r
                                     "pass --resume to continue it or choose another --name")
     settings = space.settings
     base = config_from_dict(space.base)
+    check_model(base.model, "base.model")  # its weights file read once, as a trial will
     data = build_data(base.data)  # once, on the driver
     space.check_counts(data.counts)
     m = base.train.metrics

@@ -17,6 +17,7 @@ from ltsearch.recipes.weights import class_weights, objective
 
 class Stage2(Part):
     needs_linear_classifier = False  # True: acts on weight norms, which a normed one divides out
+    needs_conv_map = False  # True: reads the body's features as a convolutional map (CAMs)
 
     def __init__(self, params, recipe):
         self.params = params

@@ -137,6 +137,7 @@ class FeatureAugParams:
 @STAGE2.register
 class FeatureAug(Stage2):
     name = "feature_aug"
+    needs_conv_map = True
     Params = FeatureAugParams
 
     def __init__(self, params, recipe):
