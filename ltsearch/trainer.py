@@ -97,7 +97,7 @@ class Trainer:
                          DeviceImages(data.test, self.device, mean, std, **shape))
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
-                            self.device)
+                            self.device, classes=list(data.classes))
         self.method = Recipe(cfg.method, ctx, cfg.train)
         self.model = self.method.build_model(
             lambda: build_body(cfg.model, data.in_channels)).to(

@@ -81,7 +81,7 @@ def test_bad_model_input_is_one_message_naming_the_key(saved, tmp_path):
                                           r"\(close: vit_tiny_patch16_224"):
         config_from_dict({**DIGITS, "model": {"arch": "vit_tiny_patch16_22"}})
     with pytest.raises(ConfigError, match=r"model.weights: no such file or folder: .*nothing.safetensors"):
-        config_from_dict({**DIGITS, "model": {"arch": VIT, "weights": str(tmp_path / "nothing.safetensors")}})
+        check_model(ModelConfig(arch=VIT, weights=str(tmp_path / "nothing.safetensors")))
     with pytest.raises(ConfigError, match="model.weights: resnet32 is trained from scratch here"):
         config_from_dict({**DIGITS, "model": {"arch": "resnet32", "weights": str(folder / "vit.safetensors")}})
     with pytest.raises(ConfigError, match="model.options: vit_tiny_patch16_224: .*depht"):
@@ -186,16 +186,15 @@ def test_zero_initialised_parts_leave_the_first_forward_unchanged(saved, finetun
 def test_lora_merged_equals_unmerged_and_follows_eq_3(saved):
     recipe, model = _built(saved, {"name": "lora", "rank": 4, "alpha": 8.0})
     torch.manual_seed(1)
-    for block in model.body.blocks:
-        torch.nn.init.normal_(block.attn.lora.b)  # a trained update, not the zero start
+    for block in model.body.net.blocks:
+        torch.nn.init.normal_(block.attn.qkv.lora.b)  # a trained update, not the zero start
     x = torch.randn(2, 17, 32)
-    block = model.body.blocks[0]
-    qkv = block.attn.qkv
-    a, b = block.attn.lora.a, block.attn.lora.b
+    qkv = model.body.net.blocks[0].attn.qkv
+    a, b = qkv.lora.a, qkv.lora.b
     d = 32
     with torch.no_grad():
         hooked = qkv(x)
-        merged = F.linear(x, recipe.finetune.merged_qkv(block), qkv.bias)
+        merged = F.linear(x, recipe.finetune.merged_qkv(qkv), qkv.bias)
         # Eq. 3 written out: h = W0 x + (alpha / r) B A x, for q and v, k untouched
         base = F.linear(x, qkv.weight, qkv.bias)
         q = base[..., :d] + (8.0 / 4) * (x @ a[0].T @ b[0].T)
@@ -210,7 +209,7 @@ def test_adaptformer_and_vpt_against_lifts_formulas(saved):
     before the final norm, the class token pooled."""
     _, model = _built(saved, {"name": "adaptformer", "bottleneck": 3})
     torch.manual_seed(2)
-    for block in model.body.blocks:
+    for block in model.body.net.blocks:
         for t in (block.adaptformer.up.weight, block.adaptformer.scale):
             torch.nn.init.normal_(t)
     net = model.body.net
@@ -278,10 +277,22 @@ def test_a_digits_lt_search_over_fine_tuning_parts_with_a_saved_backbone(saved, 
                              "options": VIT_OPTIONS}
     data["base"]["train"]["epochs"] = 2
     data["search"].update(num_samples=3, asha={"enabled": False})
+    uri = fresh_store(tmp_path)
     outcome = run_search(parse_search_file(data), name="ft", storage=tmp_path / "s",
-                         tracking_uri=fresh_store(tmp_path), verbose=0)
+                         tracking_uri=uri, verbose=0)
     trials = outcome.records.trials.values()
     assert len(trials) == 3 and {r["status"] for r in trials} == {"COMPLETED"}
+    sha = sha256(saved["folder"] / "vit.safetensors")  # which weights every trial started from
+    assert all(r["backbone"] == {"arch": VIT, "weights": data["base"]["model"]["weights"],
+                                 "weights_sha256": sha} for r in trials)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])
+    assert {r.data.tags.get("ltsearch.weights_sha256") for r in runs
+            if r.data.tags.get("ltsearch.kind") == "trial"} == {sha}
+    assert [r.data.params["backbone.weights_sha256"] for r in runs
+            if r.data.tags.get("ltsearch.kind") == "search"] == [sha]
     for r in trials:  # named by its parts: the fine-tuning part's name unless full
         method = r["config"]["method"]
         assert method["finetune"]["name"] == r["params"]["custom.finetune.name"]

@@ -395,8 +395,9 @@ def test_normed_classifier_against_official_code():
 
 
 def test_every_preset_expands_and_names_itself():
-    for name in PRESETS:
-        cfg = config_from_dict({"method": {"name": name}})
+    for name in PRESETS:  # (lift's head starts from text: a CLIP backbone, here on the meta device)
+        model = {"arch": "open_clip:ViT-B-16"} if name == "lift" else {}
+        cfg = config_from_dict({"method": {"name": name}, "model": model})
         assert cfg.method.label() == (name if name != "custom" else "ce")
     composed = config_from_dict({"method": {"name": "custom", "loss": "ldam",
                                             "weights": {"start": 0.8}, "stage2": "crt"}})

@@ -3,7 +3,8 @@
 ``model.arch`` is a CIFAR ResNet (``resnet8`` … ``resnet110``, LDAM-DRW's and BBN's), a
 torchvision ResNet (``resnet18/34/50``), both trained from scratch, or any timm model by name
 (``timm:<name>`` where the name is also one of those), built by timm with weights from
-``model.weights`` (:mod:`ltsearch.models.timm_body`). A CIFAR or torchvision body is
+``model.weights`` (:mod:`ltsearch.models.timm_body`), or an OpenCLIP image tower
+(``open_clip:<name>``, :mod:`ltsearch.models.open_clip_body`). A CIFAR or torchvision body is
 ``nn.Sequential(stem…, last_stage)`` whose last element is itself a Sequential of residual blocks,
 so BBN can share everything but the last block (:func:`split_last_block`).
 """
@@ -17,8 +18,10 @@ import torch.nn as nn
 
 from ltsearch.config import ConfigError, ModelConfig
 from ltsearch.models.resnet_cifar import DEPTHS, cifar_resnet_body
-from ltsearch.models.timm_body import Preprocess, TimmBody
+from ltsearch.models.interface import Preprocess
+from ltsearch.models.timm_body import TimmBody
 
+CLIP_PREFIX = "open_clip:"
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")  # ImageNet's, from scratch
 CIFAR_RESNETS = {f"resnet{d}": d for d in DEPTHS}
 SCRATCH = (*CIFAR_RESNETS, *TORCHVISION_RESNETS)
@@ -37,63 +40,87 @@ def torchvision_body(arch: str, in_channels: int) -> tuple[nn.Sequential, int]:
 
 
 def timm_name(arch: str) -> str | None:
-    """The timm model ``arch`` names, or None for a network of our own."""
-    if arch in SCRATCH:
+    """The timm model ``arch`` names, or None for a network of our own or OpenCLIP's."""
+    if arch in SCRATCH or arch.startswith(CLIP_PREFIX):
         return None
     return arch.removeprefix("timm:")
+
+
+def clip_name(arch: str) -> str | None:
+    """The OpenCLIP model ``arch`` names (``open_clip:<name>``), or None."""
+    return arch[len(CLIP_PREFIX):] if arch.startswith(CLIP_PREFIX) else None
+
+
+def pretrained(arch: str) -> bool:
+    return arch not in SCRATCH
 
 
 def build_body(model: ModelConfig | str, in_channels: int) -> tuple[nn.Module, int]:
     """The body and its feature width (``model``: the model section, or an arch's name)."""
     model = ModelConfig(arch=model) if isinstance(model, str) else model
-    name = timm_name(model.arch)
-    if name is None:
-        if model.arch in CIFAR_RESNETS:
-            return cifar_resnet_body(CIFAR_RESNETS[model.arch], in_channels)
+    if model.arch in CIFAR_RESNETS:
+        return cifar_resnet_body(CIFAR_RESNETS[model.arch], in_channels)
+    if model.arch in TORCHVISION_RESNETS:
         return torchvision_body(model.arch, in_channels)
-    from ltsearch.models.timm_body import build_net
     from ltsearch.models.weights import resolve_weights
 
     weights = resolve_weights(model.weights) if model.weights else None
-    body = TimmBody(build_net(name, model.options, weights))
+    body = _pretrained_body(model, weights)
     return body, body.num_features
+
+
+def _pretrained_body(model: ModelConfig, weights) -> nn.Module:
+    name = clip_name(model.arch)
+    if name is not None:
+        from ltsearch.models.open_clip_body import OpenCLIPBody, build_clip
+
+        return OpenCLIPBody(build_clip(name, model.options, weights), name)
+    from ltsearch.models.timm_body import build_net
+
+    return TimmBody(build_net(timm_name(model.arch), model.options, weights))
 
 
 def preprocess(model: ModelConfig) -> Preprocess:
     """The input the backbone expects (a network from scratch: the data's own)."""
-    name = timm_name(model.arch)
-    if name is None:
+    if not pretrained(model.arch):
         return Preprocess()
-    from ltsearch.models.timm_body import build_net, preprocess_of
-
     with torch.device("meta"):  # the config alone, no weights in memory
-        return preprocess_of(build_net(name, model.options, None), model.options)
+        return _preprocess_of(_pretrained_body(model, None), model)
+
+
+def _preprocess_of(body: nn.Module, model: ModelConfig) -> Preprocess:
+    if isinstance(body, TimmBody):
+        from ltsearch.models.timm_body import preprocess_of
+
+        return preprocess_of(body.net, model.options)
+    from ltsearch.models.open_clip_body import preprocess_of
+
+    return preprocess_of(body.__dict__["_clip"])
 
 
 def describe(model: ModelConfig) -> dict:
     """What a backbone offers the parts that need more than pooled features: ``conv_map``
-    (its features are a map for CAMs), ``blocks`` (a ViT's transformer blocks, or 0),
-    ``groups`` (its layer groups, stem included), ``sequential`` (BBN's split of the last
-    residual block). Built on the meta device: no weights, no memory."""
+    (its features are a map for CAMs), ``blocks`` (a ViT's transformer blocks, or 0), ``qkv``
+    (they have one q, k, v projection), ``groups`` (its layer groups, stem included),
+    ``sequential`` (BBN's split of the last residual block), ``text`` (a text tower for a head
+    initialised from class names). Built on the meta device: no weights, no memory."""
     return dict(_described(model.arch, json.dumps(model.options, sort_keys=True)))
 
 
 @functools.lru_cache(maxsize=16)
 def _described(arch: str, options: str) -> tuple:
-    name = timm_name(arch)
-    if name is None:  # (on the CPU: our inits on the meta device import torch._dynamo)
+    if not pretrained(arch):  # (on the CPU: our inits on the meta device import torch._dynamo)
         body, _ = build_body(arch, 3)
-        return (("conv_map", True), ("blocks", 0), ("groups", len(layer_groups(body))),
-                ("sequential", True))
+        return (("conv_map", True), ("blocks", 0), ("qkv", False),
+                ("groups", len(layer_groups(body))), ("sequential", True), ("text", False))
+    model = ModelConfig(arch=arch, options=json.loads(options))
     with torch.device("meta"):
-        from ltsearch.models.timm_body import build_net, preprocess_of
-
-        opts = json.loads(options)
-        body = TimmBody(build_net(name, opts, None))
-        features = body(torch.empty(1, 3, *preprocess_of(body.net, opts).size))
-    blocks = body.blocks
-    return (("conv_map", features.ndim == 4), ("blocks", len(blocks) if blocks is not None else 0),
-            ("groups", len(body.layer_groups())), ("sequential", False))
+        body = _pretrained_body(model, None)
+        features = body(torch.empty(1, 3, *_preprocess_of(body, model).size))
+    vit = body.vit()
+    return (("conv_map", features.ndim == 4), ("blocks", len(vit.blocks) if vit else 0),
+            ("qkv", bool(vit and vit.qkv)), ("groups", len(body.layer_groups())),
+            ("sequential", False), ("text", hasattr(body, "text_features")))
 
 
 def identity(model: ModelConfig) -> dict:
@@ -109,40 +136,46 @@ def identity(model: ModelConfig) -> dict:
 
 
 def check_model(model: ModelConfig, key: str = "model", load: bool = True) -> None:
-    """The architecture exists and the weights file is there; with ``load``, that the file is
-    the architecture's, read as a trial will (once, before anything trains)."""
-    name = timm_name(model.arch)
-    if name is None:
+    """The architecture exists and takes its options; with ``load``, that the weights file is
+    there and the architecture's, read as a trial will (once, before anything trains)."""
+    if not pretrained(model.arch):
         if model.weights:
             raise ConfigError(f"{key}.weights", f"{model.arch} is trained from scratch here; "
                               f"pretrained weights need a timm model (e.g. timm:{model.arch})")
         if model.options:
-            raise ConfigError(f"{key}.options", f"options are timm's create_model arguments; "
-                                                f"{model.arch} takes none")
+            raise ConfigError(f"{key}.options", f"options are timm's or OpenCLIP's create_model "
+                                                f"arguments; {model.arch} takes none")
         return
-    from ltsearch.models.timm_body import build_net, check_name, classifier_keys
-    from ltsearch.models.weights import check_fit, resolve_weights
+    from ltsearch.models.weights import resolve_weights
 
-    check_name(name, f"{key}.arch")
+    name = clip_name(model.arch) or timm_name(model.arch)
+    if clip_name(model.arch) is not None:
+        from ltsearch.models.open_clip_body import check_name
+        check_name(name, model.options, f"{key}.arch")
+    else:
+        from ltsearch.models.timm_body import check_name
+        check_name(name, f"{key}.arch")
     try:
         with torch.device("meta"):
-            net = build_net(name, model.options, None)
+            body = _pretrained_body(model, None)
     except TypeError as e:  # an option the model does not take
         raise ConfigError(f"{key}.options", f"{name}: {e}") from None
-    if not model.weights:
-        return
+    if not model.weights or not load:  # (the file is checked before Ray starts, not as a
+        return                           # search file is read: a template names none yet)
     path = resolve_weights(model.weights, f"{key}.weights")
-    if not load:
-        return
-    heads = classifier_keys(net)
-    check_fit(path, name, {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in heads},
-              heads, f"{key}.weights")
+    if isinstance(body, TimmBody):  # (OpenCLIP loads strictly: its own load below says what lacks)
+        from ltsearch.models.timm_body import classifier_keys
+        from ltsearch.models.weights import check_fit
+
+        heads = classifier_keys(body.net)
+        check_fit(path, name, {k: tuple(v.shape) for k, v in body.net.state_dict().items()
+                               if k not in heads}, heads, f"{key}.weights")
     try:  # the real load, on the CPU: what else does not fit (a shape) fails here, not in a trial
-        build_net(name, model.options, path)
+        _pretrained_body(model, path)
     except Exception as e:
         lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
-        said = next((line for line in lines if "mismatch" in line), lines[0])
-        raise ConfigError(f"{key}.weights", f"{path} does not fit {name}: {said}") from None
+        said = next((line for line in lines if "mismatch" in line or "Missing" in line), lines[0])
+        raise ConfigError(f"{key}.weights", f"{path} does not fit {name}: {said[:300]}") from None
 
 
 def layer_groups(body: nn.Module) -> list[list[nn.Parameter]]:
@@ -188,7 +221,19 @@ class NormedLinear(nn.Module):
         return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
 
 
-CLASSIFIERS = {"linear": nn.Linear, "normed": NormedLinear}
+class CosineLinear(NormedLinear):
+    """A scaled cosine classifier, z_c = s·cos(x, w_c) (LIFT's ``CosineClassifier``; its weights
+    start as the normed classifier's: uniform, each row scaled to norm 1)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 25.0):
+        super().__init__(in_features, out_features)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+CLASSIFIERS = {"linear": nn.Linear, "normed": NormedLinear, "cosine": CosineLinear}
 
 
 class ImageClassifier(nn.Module):
@@ -196,10 +241,11 @@ class ImageClassifier(nn.Module):
     (linear, or LDAM's normed one)."""
 
     def __init__(self, body: nn.Module, feat_dim: int, num_classes: int,
-                 classifier: str = "linear"):
+                 classifier: str = "linear", scale: float = 25.0):
         super().__init__()
         self.body = body
-        self.classifier = CLASSIFIERS[classifier](feat_dim, num_classes)
+        extra = {"scale": scale} if classifier == "cosine" else {}
+        self.classifier = CLASSIFIERS[classifier](feat_dim, num_classes, **extra)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The body's last map (N, C_f, H, W), the input of a class activation map (a ViT's:
@@ -208,7 +254,7 @@ class ImageClassifier(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        return self.body.pool(f) if isinstance(self.body, TimmBody) else f.mean(dim=(2, 3))
+        return self.body.pool(f) if hasattr(self.body, "pool") else f.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))

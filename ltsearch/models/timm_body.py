@@ -10,7 +10,7 @@ config (``options.img_size``, where given, is the size the model is built for).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -18,19 +18,7 @@ import torch
 import torch.nn as nn
 
 from ltsearch.config import ConfigError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What a backbone expects of its input: images are resized on the device to ``size``
-    with ``interpolation`` and normalised with ``mean``/``std`` (3 channels: a grey image is
-    repeated). ``None`` fields: the data's own size and statistics (a network trained from
-    scratch)."""
-    size: Optional[tuple[int, int]] = None
-    interpolation: str = "bilinear"
-    mean: Optional[tuple[float, ...]] = None
-    std: Optional[tuple[float, ...]] = None
-    channels: Optional[int] = None
+from ltsearch.models.interface import Preprocess, ViTView
 
 
 class TimmBody(nn.Module):
@@ -49,14 +37,17 @@ class TimmBody(nn.Module):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(features, pre_logits=True)
 
-    @property
-    def blocks(self) -> Optional[nn.Sequential]:
-        """A ViT's transformer blocks (each with ``attn.qkv``, ``norm2`` and ``mlp``), else None."""
-        blocks = getattr(self.net, "blocks", None)
-        if isinstance(blocks, nn.Sequential) and len(blocks) and all(
-                hasattr(b, "attn") and hasattr(b, "mlp") and hasattr(b, "norm2") for b in blocks):
-            return blocks
-        return None
+    def vit(self) -> Optional[ViTView]:
+        """A timm ViT's blocks (each with ``attn.qkv``, ``norm2`` and ``mlp``), else None."""
+        net = self.net
+        blocks = getattr(net, "blocks", None)
+        if not (isinstance(blocks, nn.Sequential) and len(blocks) and hasattr(net, "patch_embed")
+                and all(hasattr(b, "mlp") and hasattr(b, "norm2") for b in blocks)):
+            return None
+        has_qkv = all(isinstance(getattr(b.attn, "qkv", None), nn.Linear) for b in blocks)
+        return ViTView(list(blocks), net.embed_dim, math.prod(net.patch_embed.patch_size), net.norm,
+                       norm2=lambda b: b.norm2, mlp=lambda b: b.mlp,
+                       qkv=(lambda b: b.attn.qkv) if has_qkv else None)
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """The parameters by depth, stem first (timm's own ``group_matcher``), for layer-wise

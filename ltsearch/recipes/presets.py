@@ -11,6 +11,10 @@ from __future__ import annotations
 # 80 % of the run, in F.cross_entropy(weight=w), i.e. divided by Σ w_y.
 DRW = {"scheme": "effective", "beta": 0.9999, "start": 0.8, "normalize": "weight_sum"}
 
+# LIFT's training recipe (its configs' num_epochs, lr, weight_decay, batch_size, momentum; cosine).
+LIFT_TRAIN = {"preset": "none", "epochs": 10, "lr": 0.01, "weight_decay": 5e-4, "batch_size": 128,
+              "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 0}
+
 PRESETS: dict[str, dict] = {
     # Plain cross-entropy, instance sampling: the baseline.
     "ce": {},
@@ -52,4 +56,18 @@ PRESETS: dict[str, dict] = {
     # the classifier fine-tuned with a class-balanced loss, weight decay 0.1 and MaxNorm.
     "weight_balancing": {"train": {"weight_decay": 5e-3},
                          "stage2": {"name": "maxnorm", "epochs": 10, "lr": 0.01}},
+    # LIFT (Shi et al., ICML 2024; shijxcs/LIFT configs/model/clip_vit_b16_peft.yaml): a
+    # pretrained ViT with AdaptFormer adapters, the logit-adjusted loss, a cosine head (s = 25)
+    # initialised from the class names' text features (an OpenCLIP backbone; any other:
+    # `arch.classifier.init: class_mean`), 10 epochs of SGD at lr 0.01, weight decay 5e-4,
+    # batch 128, cosine schedule. Not modelled: LIFT's test-time ensemble of crops.
+    "lift": {"finetune": {"name": "adaptformer"}, "loss": {"name": "logit_adjust", "tau": 1.0},
+             "arch": {"name": "plain", "classifier": {"name": "cosine", "scale": 25.0, "init": "text"}},
+             "train": LIFT_TRAIN},
+    # A linear probe: the pretrained backbone frozen, the classifier learns with the
+    # logit-adjusted loss (LIFT's classifier-only row), LIFT's training recipe.
+    "linear_probe": {"finetune": {"name": "linear"}, "loss": {"name": "logit_adjust", "tau": 1.0},
+                     "train": LIFT_TRAIN},
 }
+# The presets that need a pretrained backbone (`model.weights`) to mean what their paper means.
+PRETRAINED = ("lift", "linear_probe")

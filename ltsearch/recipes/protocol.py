@@ -60,6 +60,7 @@ class MethodContext:
     index: ClassIndex
     device: torch.device
     generator: torch.Generator | None = None  # the trainer's, re-seeded every epoch
+    classes: list[str] | None = None  # the class names (a head initialised from text reads them)
 
     @property
     def num_classes(self) -> int:

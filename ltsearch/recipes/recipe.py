@@ -16,6 +16,7 @@ import torch.nn as nn
 from ltsearch.config import (ConfigError, EpochAt, TrainConfig, check_epoch_at, from_dict,
                              resolve_epoch, scale_epoch, type_hints)
 from ltsearch.recipes.losses.logit_adjust import log_priors
+from ltsearch.recipes.arch.plain import head_of
 from ltsearch.recipes.mixup import Mixer, MixupConfig
 from ltsearch.recipes.posthoc import PosthocConfig, adjust_logits
 from ltsearch.recipes.presets import PRESETS
@@ -181,9 +182,10 @@ def check_recipe(cfg: RecipeConfig, train: TrainConfig, prefix: str = "method") 
         if not arch.single_branch:
             raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} needs the plain "
                                                   f"classifier; arch {cfg.arch.name!r} has two branches")
-        if stage.needs_linear_classifier and getattr(cfg.arch.params, "classifier", "linear") != "linear":
+        head = head_of(cfg.arch.params).name
+        if stage.needs_linear_classifier and head != "linear":
             raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} acts on the "
-                                                  "classifier's row norms; the normed classifier "
+                                                  f"classifier's row norms; the {head} classifier "
                                                   "divides them out (use arch.classifier: linear)")
         nested = stage.nested_loss(cfg.stage2.params)
         if nested is not None:
@@ -200,6 +202,9 @@ def check_backbone(cfg: RecipeConfig, backbone: dict, arch: str, prefix: str = "
     if cfg.stage2 is not None and STAGE2.get(cfg.stage2.name).needs_conv_map and not backbone["conv_map"]:
         raise ConfigError(f"{prefix}.stage2", f"stage2 {cfg.stage2.name!r} draws class activation "
                                               f"maps from a convolutional feature map; {arch} gives tokens")
+    if head_of(cfg.arch.params).init == "text" and not backbone["text"]:
+        raise ConfigError(f"{prefix}.arch.classifier.init", f"text encodes the class names with "
+                          f"a CLIP text tower; {arch} has none (use open_clip:<name>, or class_mean)")
     tune = FINETUNE.get(cfg.finetune.name)
     if tune.name != "full" and not ARCHS.get(cfg.arch.name).single_branch:
         raise ConfigError(f"{prefix}.finetune", f"finetune {tune.name!r} needs the plain network; "
@@ -312,6 +317,8 @@ class Recipe(Method):
     def on_phase_start(self, phase, phase_index, resumed):
         if not self._first(phase):
             self.stage2.on_start(self.model, resumed)
+        elif not resumed and hasattr(self.arch, "on_train_start"):
+            self.arch.on_train_start(self.model)
 
     # --- one epoch ---------------------------------------------------------------------------
     def samplers(self, phase, epoch):

@@ -52,17 +52,18 @@ class SearchCallback(Callback):
     """Keeps the search's records (the driver's one :class:`TrialRecords`, which every stage
     reads) and its tracker current with each trial event."""
 
-    def __init__(self, records: TrialRecords, space, tracker: Tracker):
+    def __init__(self, records: TrialRecords, space, tracker: Tracker, backbone: Optional[dict] = None):
         self.records = records
         self.space = space
         self.tracker = tracker
+        self.backbone = dict(backbone or {})  # recorded with every trial: which weights it started from
         self.part_metrics = reported_metrics()
         self.started: set[str] = set()  # trials the tracker has opened in this driver
         self.configs: dict[str, dict] = {}  # trial id → its full config (built once)
         self.ended = records.ended()  # not run again: their events change nothing
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; a restore replaces them
-        return {"records": None, "space": self.space, "tracker": Tracker(),
+        return {"records": None, "space": self.space, "tracker": Tracker(), "backbone": self.backbone,
                 "part_metrics": self.part_metrics, "started": set(), "configs": {},
                 "ended": frozenset()}
 
@@ -77,8 +78,10 @@ class SearchCallback(Callback):
         if trial.trial_id not in self.started:
             self.started.add(trial.trial_id)
             cfg = self._config(trial)
+            sha = self.backbone.get("weights_sha256")
             self.tracker.start_trial(trial.trial_id, self.space.label(cfg), cfg,
-                                     tracker_tags(confirmation(trial.config)))
+                                     {**tracker_tags(confirmation(trial.config)),
+                                      **({"ltsearch.weights_sha256": sha} if sha else {})})
 
     def _timed(self, records: TrialRecords, trial_id: str, began: float, **fields) -> None:
         old = records.trials.get(trial_id, {}).get("driver_s", 0.0)
@@ -97,7 +100,8 @@ class SearchCallback(Callback):
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
                     **{k: old.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)},
-                    started_at=time.time(), params=dict(trial.config), **confirmation(trial.config))
+                    started_at=time.time(), params=dict(trial.config), backbone=self.backbone or None,
+                    **confirmation(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self.ended:

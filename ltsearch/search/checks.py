@@ -202,7 +202,7 @@ def check_search(space, name: str, storage, tracking_uri: Optional[str], resume:
 def _check_locked(space, name: str, folder: Path, tracking_uri: Optional[str], resume: bool) -> Search:
     from ltsearch.data import build_data
     from ltsearch.metrics import describe_groups, shot_groups
-    from ltsearch.models import check_model
+    from ltsearch.models import check_model, identity
     from ltsearch.search.tracker import make_tracker
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -238,4 +238,5 @@ def _check_locked(space, name: str, folder: Path, tracking_uri: Optional[str], r
                     "classes by training count", groups, " and ".join(empty))
     tracker = make_tracker(settings.tracking, tracking_uri, settings.experiment or "ltsearch",
                            data.classes, data.counts, background=settings.background_tracking)
-    return Search(space, name, folder, resume, data, tracker, groups, records=records)
+    return Search(space, name, folder, resume, data, tracker, groups, records=records,
+                  backbone=identity(base.model))

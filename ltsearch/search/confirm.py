@@ -91,7 +91,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
         settings.confirm.top = ended
 
     def callbacks():
-        return [SearchCallback(search.records, space, search.tracker),
+        return [SearchCallback(search.records, space, search.tracker, search.backbone),
                 ProgressCallback(search.records, space, confirming=True, began=search.began)]
 
     def ending(grid, asked: int) -> str:

@@ -34,6 +34,7 @@ class Search:
     lock: Optional[object] = None  # the folder's writer lock (search.folder.FolderLock), held throughout
     stops: Optional[object] = None  # search.signals.StopSignals: SIGTERM and SIGHUP as Ctrl-C
     records: Optional[TrialRecords] = None  # trials.json, read once (when the checks open it)
+    backbone: dict = field(default_factory=dict)  # the base model's arch, weights file and sha256
 
     def __post_init__(self):
         if self.records is None:

@@ -232,7 +232,8 @@ def prepare_search(search: Search) -> None:
         "search.metric": settings.metric, "search.mode": settings.mode,
         "search.num_samples": settings.num_samples, "search.seed": settings.seed,
         "search.max_concurrent": settings.max_concurrent,
-        "search.methods": ",".join(search.space.methods), "data": search.data.summary()})
+        "search.methods": ",".join(search.space.methods), "data": search.data.summary(),
+        **{f"backbone.{k}": v for k, v in search.backbone.items() if v is not None}})
     if search.resume:
         _catch_up_tracker(search)
 
@@ -249,7 +250,8 @@ def write_info(search: Search) -> None:
         "name": search.name, "data": data.summary(), "classes": list(data.classes),
         "counts": [int(n) for n in data.counts], "groups": search.groups,
         "tracking": search.space.settings.tracking, "tracking_uri": search.tracker.uri,
-        "experiment": search.space.settings.experiment or "ltsearch"}, indent=1))
+        "experiment": search.space.settings.experiment or "ltsearch",
+        "backbone": search.backbone}, indent=1))
 
 
 RAY_LOG = "ray.log"
@@ -337,7 +339,7 @@ def _tune(search: Search, verbose: int) -> str:
     space, settings = search.space, search.space.settings
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose >= 1 else optuna.logging.WARNING)
     trainable = search.trainable()
-    callbacks = [SearchCallback(search.records, space, search.tracker),  # records first: the
+    callbacks = [SearchCallback(search.records, space, search.tracker, search.backbone),  # records first: the
                  ProgressCallback(search.records, space, began=search.began)]  # progress reads them
     if settings.report:
         callbacks.append(ReportPreload(settings.num_samples, settings.max_concurrent))

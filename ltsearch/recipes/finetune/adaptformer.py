@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ltsearch.config import spec
-from ltsearch.recipes.finetune.base import FineTune, vit_blocks, with_classifier
+from ltsearch.recipes.finetune.base import FineTune, vit_of, with_classifier
 from ltsearch.recipes.protocol import FINETUNE
 
 
@@ -57,14 +57,14 @@ class AdaptFormer(FineTune):
     needs_blocks = True
 
     def apply(self, model, num_classes):
-        blocks = vit_blocks(model)
+        view = vit_of(model)
         p = self.params
-        width = p.bottleneck or default_bottleneck(num_classes, len(blocks))
-        for block in blocks:
-            block.adaptformer = Adapter(block.norm2.normalized_shape[0], width, p.scale, p.layer_norm)
+        width = p.bottleneck or default_bottleneck(num_classes, len(view.blocks))
+        for block in view.blocks:
+            block.adaptformer = Adapter(view.dim, width, p.scale, p.layer_norm)
             seen = {}
-            block.norm2.register_forward_pre_hook(_keep_input(seen))
-            block.mlp.register_forward_hook(_add_adapter(block.adaptformer, seen))
+            view.norm2(block).register_forward_pre_hook(_keep_input(seen))
+            view.mlp(block).register_forward_hook(_add_adapter(block.adaptformer, seen))
             self.added += list(block.adaptformer.parameters())
 
     def trainable(self, model):

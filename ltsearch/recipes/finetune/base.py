@@ -9,12 +9,14 @@ from typing import ClassVar, Optional
 import torch.nn as nn
 
 from ltsearch.config import ConfigError
+from ltsearch.models.interface import ViTView
 from ltsearch.recipes.protocol import Part
 
 
 class FineTune(Part):
     frozen_body: ClassVar[bool] = False  # the body is frozen and in eval mode (a linear probe)
     needs_blocks: ClassVar[bool] = False  # acts on a ViT's transformer blocks
+    needs_qkv: ClassVar[bool] = False  # on their attention's one q, k, v projection (a Linear)
 
     def __init__(self, params):
         self.params = params
@@ -25,7 +27,10 @@ class FineTune(Part):
         """Refuse a backbone the part cannot act on (``backbone``: :func:`ltsearch.models.describe`)."""
         if cls.needs_blocks and not backbone["blocks"]:
             raise ConfigError(key, f"finetune {cls.name!r} acts on a ViT's transformer blocks; "
-                                   "this backbone has none (a timm ViT has)")
+                                   "this backbone has none (a timm or OpenCLIP ViT has)")
+        if cls.needs_qkv and not backbone["qkv"]:
+            raise ConfigError(key, f"finetune {cls.name!r} acts on a q, k, v projection layer; "
+                                   "this backbone's attention has none (timm's ViTs have)")
 
     def apply(self, model: nn.Module, num_classes: int) -> None:
         """Add the part's modules to ``model`` (an ImageClassifier), before it moves to the device."""
@@ -41,5 +46,6 @@ def with_classifier(model: nn.Module, params) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) in chosen]
 
 
-def vit_blocks(model: nn.Module) -> nn.Sequential:
-    return model.body.blocks
+def vit_of(model: nn.Module) -> ViTView:
+    """The ViT inside an ImageClassifier (parts that need one are refused elsewhere)."""
+    return model.body.vit()

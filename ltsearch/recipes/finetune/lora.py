@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ltsearch.config import spec
-from ltsearch.recipes.finetune.base import FineTune, vit_blocks, with_classifier
+from ltsearch.recipes.finetune.base import FineTune, vit_of, with_classifier
 from ltsearch.recipes.protocol import FINETUNE
 
 
@@ -48,21 +48,23 @@ class LoRA(FineTune):
     name = "lora"
     Params = LoRAParams
     needs_blocks = True
+    needs_qkv = True
 
     def apply(self, model, num_classes):
-        for block in vit_blocks(model):
-            qkv = block.attn.qkv
-            block.attn.lora = QVUpdate(qkv.in_features, self.params.rank, self.params.alpha)
-            qkv.register_forward_hook(_add_update(block.attn.lora))
-            self.added += list(block.attn.lora.parameters())
+        view = vit_of(model)
+        for block in view.blocks:
+            qkv = view.qkv(block)
+            qkv.lora = QVUpdate(qkv.in_features, self.params.rank, self.params.alpha)
+            qkv.register_forward_hook(_add_update(qkv.lora))
+            self.added += list(qkv.lora.parameters())
 
     def trainable(self, model):
         return with_classifier(model, self.added)
 
     @staticmethod
-    def merged_qkv(block) -> torch.Tensor:
-        """W₀ + ΔW of a block's qkv layer: the weight a merged model would hold."""
-        return block.attn.qkv.weight + block.attn.lora.delta()
+    def merged_qkv(qkv: nn.Linear) -> torch.Tensor:
+        """W₀ + ΔW of a qkv layer: the weight a merged model would hold."""
+        return qkv.weight + qkv.lora.delta()
 
 
 def _add_update(update: QVUpdate):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ltsearch.config import spec
-from ltsearch.recipes.finetune.base import FineTune, vit_blocks, with_classifier
+from ltsearch.recipes.finetune.base import FineTune, vit_of, with_classifier
 from ltsearch.recipes.protocol import FINETUNE
 
 
@@ -30,35 +30,34 @@ class VPT(FineTune):
     needs_blocks = True
 
     def apply(self, model, num_classes):
-        blocks = vit_blocks(model)
-        net = model.body.net
-        dim = net.embed_dim
-        patch = math.prod(net.patch_embed.patch_size)
-        bound = math.sqrt(6.0 / (3 * patch + dim))
-        count = len(blocks) if self.params.deep else 1
-        model.body.prompts = nn.Parameter(torch.empty(count, self.params.length, dim))
+        view = vit_of(model)
+        bound = math.sqrt(6.0 / (3 * view.patch_pixels + view.dim))
+        count = len(view.blocks) if self.params.deep else 1
+        model.body.prompts = nn.Parameter(torch.empty(count, self.params.length, view.dim))
         nn.init.uniform_(model.body.prompts, -bound, bound)
         self.added = [model.body.prompts]
         seq = {}
         for i in range(count):
-            blocks[i].register_forward_pre_hook(_prompted(model.body, i, seq))
-        net.norm.register_forward_pre_hook(_unprompted(seq))
+            view.blocks[i].register_forward_pre_hook(_prompted(model.body, i, seq, view.seq_dim))
+        view.final_norm.register_forward_pre_hook(_unprompted(seq, view.seq_dim))
 
     def trainable(self, model):
         return with_classifier(model, self.added)
 
 
-def _prompted(body: nn.Module, i: int, seq: dict):
+def _prompted(body: nn.Module, i: int, seq: dict, dim: int):
     def hook(module, args):
         x = args[0]
         if i == 0:
-            seq["n"] = x.shape[1]  # the sequence's own tokens
-        prompts = body.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
-        return (torch.cat([x[:, :seq["n"]], prompts], dim=1), *args[1:])
+            seq["n"] = x.shape[dim]  # the sequence's own tokens
+        prompts = body.prompts[i].to(x.dtype)
+        prompts = (prompts.expand(x.shape[0], -1, -1) if dim == 1
+                   else prompts[:, None].expand(-1, x.shape[1], -1))
+        return (torch.cat([x.narrow(dim, 0, seq["n"]), prompts], dim=dim), *args[1:])
     return hook
 
 
-def _unprompted(seq: dict):
+def _unprompted(seq: dict, dim: int):
     def hook(module, args):
-        return (args[0][:, :seq["n"]], *args[1:])
+        return (args[0].narrow(dim, 0, seq["n"]), *args[1:])
     return hook
