@@ -321,6 +321,11 @@ class TrainConfig(OptimConfig):
                                      "learn at this factor of lr (the classifier and added modules at lr)")
     layer_decay: Optional[float] = spec(None, gt=0.0, le=1.0, doc="stage 1: layer-wise lr "
                                         "decay, the k-th of G layer groups at decay^(G-k) (MAE)")
+    tta: Literal["none", "flip"] = spec("none", doc="test-time augmentation: flip averages "
+                                        "the logits of each image and its mirror image")
+    feature_cache: bool = spec(True, doc="a classifier-only phase on a frozen body without "
+                               "augmentation computes the body's features once (a linear probe's: "
+                               "once per worker), not every epoch")
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def check(self):

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ltsearch import features as frozen
 from ltsearch.config import Config, ConfigError
 from ltsearch.data import LongTailData
 from ltsearch.data.device import DeviceImages, channel_stats
@@ -112,6 +113,7 @@ class Trainer:
         self._compiled = None
         self._compile_verified = False
         self.eval_seconds = 0.0  # spent evaluating, all told (reported per epoch as eval_time_s)
+        self._features: dict | None = None  # the phase's frozen features (ltsearch.features)
 
     # --- phases ------------------------------------------------------------------------------
     def locate(self, epoch: int) -> tuple[int, int]:
@@ -146,6 +148,45 @@ class Trainer:
                           else SGD(groups, **hyper))
         self._phase_index = index
         self.method.on_phase_start(phase, index, resumed)
+        self._features = self._frozen_features(phase, index)
+
+    def _frozen_features(self, phase: Phase, index: int) -> dict | None:
+        """The phase's train/val/test features where its body cannot change and its images are
+        seen as they are (:mod:`ltsearch.features`), else None. The first phase's body is the
+        one built (pretrained): its features are kept for this process's later trials."""
+        augments = self.train_set.crop_pad or self.train_set.hflip
+        if (not phase.classifier_only or phase.update_bn or augments or not self.cfg.train.feature_cache
+                or not self.method.features_cacheable(phase)):
+            return None
+        d = self.cfg.to_dict()
+        key = ((repr(d["model"]), repr(d["data"]), d["train"]["tta"], str(self.device)) if index == 0
+               else (id(self), index))
+        bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
+
+        def compute() -> dict:
+            sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+            out = {name: frozen.embed_all(self.model, images, bs, self._autocast)
+                   for name, images in sets.items()}
+            if self.cfg.train.tta == "flip":  # the mirror images' features too, for evaluation
+                out.update({f"{name}/flipped": frozen.embed_all(self.model, sets[name], bs,
+                                                                self._autocast, flip=True)
+                            for name in ("val", "test")})
+            return out
+
+        return frozen.features(key, compute, keep=index == 0)
+
+    def _autocast(self):
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
+                else contextlib.nullcontext())
+
+    def _on(self, images):
+        """(the set a step or an evaluation reads, the model's state it runs in): the phase's
+        frozen features and the model on them, or the images and the model itself."""
+        if self._features is None:
+            return images, contextlib.nullcontext(self.model)
+        name = next(k for k, v in (("train", self.train_set), ("val", self.val_set),
+                                   ("test", self.test_set)) if v is images)
+        return self._features[name], frozen.on_features(self.model)
 
     def _train_mode(self, phase: Phase) -> None:
         self.model.train()
@@ -181,13 +222,24 @@ class Trainer:
         streams = [draw(steps * B, gen) for draw in self.method.samplers(phase, e)]
         self.method.start_epoch(phase, e, steps, rng)
         forward = self._forward_fn(phase)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
-                    else contextlib.nullcontext())
+        autocast = self._autocast()
+        train_set, on = self._on(self.train_set)
 
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
+        with on:
+            loss_sum = self._steps(phase, e, steps, B, streams, train_set, gen, forward, autocast, loss_sum)
+        self.method.end_epoch(phase)
+        mean_loss = float(loss_sum) / steps  # one device→host sync per epoch
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        return {"epoch": self.epoch, "phase": phase.name, "train/loss": mean_loss, "lr": lr,
+                "images_per_s": steps * B * len(streams) / elapsed, "epoch_time_s": elapsed,
+                **self.method.epoch_metrics(phase, e)}
+
+    def _steps(self, phase, e, steps, B, streams, train_set, gen, forward, autocast, loss_sum):
         for k in range(steps):
-            batches = [Batch(*self.train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
+            batches = [Batch(*train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
             if forward is not self.model:
                 torch.compiler.cudagraph_mark_step_begin()
             try:
@@ -206,13 +258,7 @@ class Trainer:
             self.method.after_step(phase)
             self._compile_verified = True
             loss_sum += loss.detach().float()
-        self.method.end_epoch(phase)
-        mean_loss = float(loss_sum) / steps  # one device→host sync per epoch
-        elapsed = time.perf_counter() - start
-        self.epoch += 1
-        return {"epoch": self.epoch, "phase": phase.name, "train/loss": mean_loss, "lr": lr,
-                "images_per_s": steps * B * len(streams) / elapsed, "epoch_time_s": elapsed,
-                **self.method.epoch_metrics(phase, e)}
+        return loss_sum
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,13 +266,20 @@ class Trainer:
         self.model.eval()
         preds = []
         bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
-                    else contextlib.nullcontext())
-        for i in range(0, len(images), bs):
-            idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
-            x, _ = images.batch(idx, augment=False)
-            with autocast:
-                preds.append(self.method.logits(self.model, x).argmax(1))
+        flip = self.cfg.train.tta == "flip"
+        name = next((k for k, v in (("val", self.val_set), ("test", self.test_set)) if v is images), None)
+        mirrored = self._features.get(f"{name}/flipped") if self._features is not None else None
+        images, on = self._on(images)
+        with on:
+            for i in range(0, len(images), bs):
+                idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
+                x, _ = images.batch(idx, augment=False)
+                with self._autocast():
+                    z = self.method.logits(self.model, x).float()
+                    if flip:  # the mirror image's logits (its stored features, on the cache)
+                        x_m = mirrored.x[idx] if mirrored is not None else x.flip(3)
+                        z = (z + self.method.logits(self.model, x_m).float()) / 2
+                preds.append(z.argmax(1))
         return torch.cat(preds)
 
     def evaluate(self, images: DeviceImages, prefix: str) -> dict:
@@ -297,6 +350,7 @@ class Trainer:
         self.history = list(state["history"])
         self.phase_results = dict(state["phase_results"])
         self._phase_index = None
+        self._features = None
         if state["phase_index"] is not None and self.epoch < self.total_epochs:
             index, e = self.locate(self.epoch)
             if index == state["phase_index"]:  # resume inside the phase the optimizer belongs to

@@ -112,7 +112,8 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
-def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, monkeypatch, capsys):
+def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, session_hold, monkeypatch,
+                                                     capsys):
     """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave
     the parent and child runs, trials.json and the Optuna study RUNNING for good. MLflow retries
     the lost server (here twice, quickly; by default for minutes per call): one line says so,
@@ -129,15 +130,16 @@ def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, monk
                        ("TIMEOUT", "5")):  # for the driver it starts and the resume run here
         monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{key}", value)
     server = _start(server_cmd, tmp_path / "mlflow1.log")
-    try:
+    session_hold.at("1-1")  # the second trial waits after its first epoch (a reused worker's
+    try:                    # trial can start and end between two looks at trials.json)
         _wait(lambda: _mlflow_up(port), 120, "the mlflow server")
         driver = subprocess.Popen(cmd + ["--address", ray_address], stdout=open(tmp_path / "first.log", "w"),
                                   stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
         try:
             _wait(lambda: any(r["status"] == "COMPLETED" for r in _trials(folder).values())
-                  and any(r["status"] == "RUNNING" for r in _trials(folder).values()),
-                  300, "a finished trial and a running one")
+                  and session_hold.reached("1-1"), 300, "a finished trial and a running one")
             _stop(server, signal.SIGKILL)  # the tracking server is lost
+            session_hold.release("1-1")  # its next report meets the lost server
             driver.wait(300)
         finally:
             _stop(driver)

@@ -186,17 +186,18 @@ def test_zero_initialised_parts_leave_the_first_forward_unchanged(saved, finetun
 def test_lora_merged_equals_unmerged_and_follows_eq_3(saved):
     recipe, model = _built(saved, {"name": "lora", "rank": 4, "alpha": 8.0})
     torch.manual_seed(1)
-    for block in model.body.net.blocks:
-        torch.nn.init.normal_(block.attn.qkv.lora.b)  # a trained update, not the zero start
+    for block in model.body.net.blocks:  # a trained update, not the zero start
+        torch.nn.init.normal_(recipe.finetune.update_of(block.attn.qkv, "weight")[1].b)
     x = torch.randn(2, 17, 32)
     qkv = model.body.net.blocks[0].attn.qkv
-    a, b = qkv.lora.a, qkv.lora.b
+    w0, update = recipe.finetune.update_of(qkv, "weight")
+    a, b = update.a, update.b
     d = 32
     with torch.no_grad():
-        hooked = qkv(x)
-        merged = F.linear(x, recipe.finetune.merged_qkv(qkv), qkv.bias)
+        hooked = qkv(x)  # the layer as the model runs it
+        merged = F.linear(x, w0 + update.delta(), qkv.bias)  # the update folded into W0
         # Eq. 3 written out: h = W0 x + (alpha / r) B A x, for q and v, k untouched
-        base = F.linear(x, qkv.weight, qkv.bias)
+        base = F.linear(x, w0, qkv.bias)
         q = base[..., :d] + (8.0 / 4) * (x @ a[0].T @ b[0].T)
         v = base[..., 2 * d:] + (8.0 / 4) * (x @ a[1].T @ b[1].T)
         assert torch.allclose(hooked, merged, atol=1e-5)

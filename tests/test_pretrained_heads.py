@@ -54,7 +54,7 @@ def test_an_open_clip_tower_loads_from_a_local_file_and_gives_its_features_befor
     with torch.no_grad():  # LIFT reads the tower before its projection to the joint space
         assert torch.allclose(body(x) @ clip["model"].visual.proj, clip["model"].encode_image(x), atol=1e-6)
     assert dim == 32
-    assert describe(section) == {"conv_map": False, "blocks": 2, "qkv": False, "groups": 3,
+    assert describe(section) == {"conv_map": False, "blocks": 2, "qkv": True, "groups": 3,
                                  "sequential": False, "text": True}
 
 
@@ -106,14 +106,12 @@ def test_a_class_mean_head_starts_from_each_classs_mean_feature(clip):
 def test_heads_and_parts_that_cannot_work_are_refused(clip):
     with pytest.raises(ConfigError, match="method.arch.classifier.init: text encodes the class names"):
         config_from_dict({**DIGITS, "method": {"name": "ce", "arch": {"classifier": {"init": "text"}}}})
-    with pytest.raises(ConfigError, match="method.finetune: finetune 'lora' acts on a q, k, v projection"):
-        _cfg(clip, finetune="lora")
     with pytest.raises(ConfigError, match="method.stage2: stage2 'tau_norm' acts on the classifier's row "
                                           "norms; the cosine classifier divides them out"):
         _cfg(clip, arch={"classifier": "cosine"}, stage2="tau_norm")
 
 
-@pytest.mark.parametrize("finetune", ["adaptformer", {"name": "vpt", "deep": True}, "bitfit"])
+@pytest.mark.parametrize("finetune", ["adaptformer", {"name": "vpt", "deep": True}, "bitfit", "lora"])
 def test_vit_parts_act_on_an_open_clip_tower(clip, finetune):
     trainer = _trainer(_cfg(clip, finetune=finetune, train={"epochs": 1}))
     model = trainer.model

@@ -32,5 +32,6 @@ class ViTView:
     final_norm: nn.Module  # applied to the tokens after the last block, before pooling
     norm2: Callable[[nn.Module], nn.Module]  # the norm before a block's MLP
     mlp: Callable[[nn.Module], nn.Module]
-    qkv: Optional[Callable[[nn.Module], nn.Linear]] = None  # one q, k, v projection, if it has
+    qkv: Optional[Callable[[nn.Module], tuple[nn.Module, str]]] = None  # (module, name) of one
+    #   (3d, d) q, k, v weight, if the attention has one
     seq_dim: int = 1

@@ -117,8 +117,11 @@ class OpenCLIPBody(nn.Module):
         blocks = getattr(getattr(v, "transformer", None), "resblocks", None)
         if blocks is None or not hasattr(v, "conv1"):
             return None
+        fused = all(isinstance(b.attn, nn.MultiheadAttention) and b.attn.in_proj_weight is not None
+                    for b in blocks)  # one (3d, d) in-projection for q, k and v
         return ViTView(list(blocks), v.ln_post.normalized_shape[0], math.prod(v.conv1.kernel_size),
-                       v.ln_post, norm2=lambda b: b.ln_2, mlp=lambda b: b.mlp, qkv=None,
+                       v.ln_post, norm2=lambda b: b.ln_2, mlp=lambda b: b.mlp,
+                       qkv=(lambda b: (b.attn, "in_proj_weight")) if fused else None,
                        seq_dim=1 if v.transformer.batch_first else 0)
 
     def layer_groups(self) -> list[list[nn.Parameter]]:

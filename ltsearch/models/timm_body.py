@@ -47,7 +47,7 @@ class TimmBody(nn.Module):
         has_qkv = all(isinstance(getattr(b.attn, "qkv", None), nn.Linear) for b in blocks)
         return ViTView(list(blocks), net.embed_dim, math.prod(net.patch_embed.patch_size), net.norm,
                        norm2=lambda b: b.norm2, mlp=lambda b: b.mlp,
-                       qkv=(lambda b: b.attn.qkv) if has_qkv else None)
+                       qkv=(lambda b: (b.attn.qkv, "weight")) if has_qkv else None)
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """The parameters by depth, stem first (timm's own ``group_matcher``), for layer-wise

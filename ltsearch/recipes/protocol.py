@@ -88,6 +88,11 @@ class Method:
         """Parameters exempt from weight decay in ``phase``."""
         return set()
 
+    def features_cacheable(self, phase: Phase) -> bool:
+        """Whether ``phase``'s steps and evaluations read the body only through ``model.embed``
+        / ``model(x)`` of unmixed images (then a frozen body's features can be computed once)."""
+        return False
+
     def lr_scales(self, phase: Phase) -> dict:
         """Per-parameter factors of the phase's learning rate (absent: 1)."""
         return {}

@@ -296,6 +296,13 @@ class Recipe(Method):
         bias = getattr(self.model.classifier, "bias", None)
         return {bias} if loss is not None and not loss.decay_bias and bias is not None else set()
 
+    def features_cacheable(self, phase):
+        if not hasattr(self.model, "body"):  # BBN: two branches, no one body
+            return False
+        if self._first(phase):
+            return self.mixer is None
+        return not STAGE2.get(self.cfg.stage2.name).needs_conv_map  # feature_aug: CAMs
+
     def lr_scales(self, phase):
         """Stage 1: the backbone's own parameters at ``backbone_lr_factor`` × the lr, and with
         ``layer_decay`` d the k-th of its G layer groups (stem first) at d^(G − k) — MAE's

@@ -29,8 +29,8 @@ class FineTune(Part):
             raise ConfigError(key, f"finetune {cls.name!r} acts on a ViT's transformer blocks; "
                                    "this backbone has none (a timm or OpenCLIP ViT has)")
         if cls.needs_qkv and not backbone["qkv"]:
-            raise ConfigError(key, f"finetune {cls.name!r} acts on a q, k, v projection layer; "
-                                   "this backbone's attention has none (timm's ViTs have)")
+            raise ConfigError(key, f"finetune {cls.name!r} acts on one q, k, v projection weight; "
+                                   "this backbone's attention has none")
 
     def apply(self, model: nn.Module, num_classes: int) -> None:
         """Add the part's modules to ``model`` (an ImageClassifier), before it moves to the device."""

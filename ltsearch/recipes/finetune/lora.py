@@ -1,8 +1,10 @@
 """LoRA (Hu et al., ICLR 2022): a frozen weight W₀ plus a trained low-rank update,
 h = W₀x + (α/r)·B A x (Eq. 3; A ∈ R^{r×d} Kaiming-uniform, B ∈ R^{d×r} zero, so ΔW = BA is zero
 at the start), on the attention's query and value projections (§7.1, W_q and W_v), as the
-official ``loralib`` initialises them. timm's ViT computes q, k and v in one ``qkv`` layer: the
-update goes to its q and v rows, which is the same map (:meth:`LoRA.merged_qkv` folds it in)."""
+official ``loralib`` initialises them. Both timm's ViT (one ``qkv`` Linear) and OpenCLIP's
+(``nn.MultiheadAttention``'s ``in_proj_weight``) hold q, k and v as one (3d, d) weight: the
+update is a parametrization of it (``torch.nn.utils.parametrize``), W = W₀ + ΔW with ΔW in the
+q and v rows, which is the same map as adding (α/r)·BAx to q and v."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ltsearch.config import spec
 from ltsearch.recipes.finetune.base import FineTune, vit_of, with_classifier
@@ -23,7 +26,7 @@ class LoRAParams:
 
 
 class QVUpdate(nn.Module):
-    """(α/r)·B A x for q and for v, laid out as qkv's output (k's third untouched)."""
+    """W₀ ↦ W₀ + ΔW for a (3d, d) q, k, v weight: (α/r)·B A in the q rows and in the v rows."""
 
     def __init__(self, dim: int, rank: int, alpha: float):
         super().__init__()
@@ -34,13 +37,11 @@ class QVUpdate(nn.Module):
             nn.init.kaiming_uniform_(self.a[i], a=math.sqrt(5))
 
     def delta(self) -> torch.Tensor:
-        """ΔW for qkv's (3d, d) weight: the q rows, zeros for k, the v rows."""
         dq, dv = (self.scaling * (self.b[i] @ self.a[i]) for i in range(2))
         return torch.cat([dq, torch.zeros_like(dq), dv])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dq, dv = (self.scaling * (x @ self.a[i].T @ self.b[i].T) for i in range(2))
-        return torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta().to(weight.dtype)
 
 
 @FINETUNE.register
@@ -53,21 +54,16 @@ class LoRA(FineTune):
     def apply(self, model, num_classes):
         view = vit_of(model)
         for block in view.blocks:
-            qkv = view.qkv(block)
-            qkv.lora = QVUpdate(qkv.in_features, self.params.rank, self.params.alpha)
-            qkv.register_forward_hook(_add_update(qkv.lora))
-            self.added += list(qkv.lora.parameters())
+            module, name = view.qkv(block)
+            update = QVUpdate(view.dim, self.params.rank, self.params.alpha)
+            parametrize.register_parametrization(module, name, update)
+            self.added += list(update.parameters())
 
     def trainable(self, model):
         return with_classifier(model, self.added)
 
     @staticmethod
-    def merged_qkv(qkv: nn.Linear) -> torch.Tensor:
-        """W₀ + ΔW of a qkv layer: the weight a merged model would hold."""
-        return qkv.weight + qkv.lora.delta()
-
-
-def _add_update(update: QVUpdate):
-    def hook(module, args, output):
-        return output + update(args[0])
-    return hook
+    def update_of(module: nn.Module, name: str) -> tuple[torch.Tensor, QVUpdate]:
+        """(W₀, its update) of a parametrized q, k, v weight."""
+        p = module.parametrizations[name]
+        return p.original, p[0]

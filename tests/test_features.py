@@ -1,0 +1,99 @@
+"""Frozen features computed once: the same training as without the cache, the body run once per
+phase (a linear probe's: once per process), and no cache where augmentation changes the input."""
+import copy
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import DIGITS
+from ltsearch import features as frozen
+from ltsearch.data import build_data
+from ltsearch.runconfig import config_from_dict
+from ltsearch.trainer import Trainer
+
+OPTIONS = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "vit.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **OPTIONS).state_dict(), str(path))
+    return str(path)
+
+
+def _config(weights, method, **train):
+    d = copy.deepcopy(DIGITS)
+    d["model"] = {"arch": "vit_tiny_patch16_224", "weights": weights, "options": OPTIONS}
+    d["train"].update(epochs=3, lr=0.1, **train)
+    d["method"] = method
+    return config_from_dict(d)
+
+
+def _run(cfg):
+    """(the trained classifier, the test metrics, the images the body saw)"""
+    frozen._KEPT.clear()
+    trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+    seen = []
+    trainer.model.body.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    result = trainer.fit()
+    return trainer, result.metrics, sum(seen)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "linear_probe"},
+    {"name": "ce", "finetune": "full", "stage2": {"name": "crt", "epochs": 2, "bn": "frozen"}}])
+def test_the_cache_trains_exactly_as_the_body_would(weights, method):
+    cached, metrics, seen = _run(_config(weights, method))
+    plain, metrics_plain, seen_plain = _run(_config(weights, method, feature_cache=False))
+    assert torch.equal(cached.model.classifier.weight, plain.model.classifier.weight)
+    assert metrics["test/balanced_acc"] == metrics_plain["test/balanced_acc"]
+    data = cached.data
+    once = len(data.train) + len(data.val) + len(data.test)  # every image through the body once
+    steps, val, test = len(data.train) // 32 * 32, len(data.val), len(data.test)  # per epoch
+    if method["name"] == "linear_probe":  # the body never trains: one pass, then the head alone
+        assert seen == once and seen_plain == 3 * (steps + val) + test
+    else:  # stage 1 trains the body (and tests it at its end); stage 2 reads it once
+        stage1 = 3 * (steps + val) + test
+        assert seen == stage1 + once and seen_plain == stage1 + 2 * (steps + val) + test
+
+
+def test_a_workers_next_linear_probe_on_the_same_backbone_computes_nothing(weights):
+    cfg = _config(weights, {"name": "linear_probe"})
+    frozen._KEPT.clear()
+    Trainer(cfg, build_data(cfg.data), "cpu").fit()
+    again = Trainer(_config(weights, {"name": "linear_probe", "loss": {"tau": 0.5}}),
+                    build_data(cfg.data), "cpu")
+    seen = []
+    again.model.body.register_forward_hook(lambda m, args, out: seen.append(1))
+    again.fit()
+    assert seen == []  # the same pretrained body and data: the kept features
+
+
+def test_augmentation_turns_the_cache_off(weights):
+    cfg = _config(weights, {"name": "linear_probe"})
+    cfg.data.augment.hflip = True  # the body's input changes every epoch
+    trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+    trainer.train_epoch()
+    assert trainer._features is None
+    cfg.data.augment.hflip = False
+    trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+    trainer.train_epoch()
+    assert set(trainer._features) == {"train", "val", "test"}
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror(weights):
+    for cache in (True, False):
+        cfg = _config(weights, {"name": "linear_probe"}, tta="flip", feature_cache=cache)
+        frozen._KEPT.clear()
+        trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+        trainer.train_epoch()
+        model, test = trainer.model, trainer.test_set
+        model.eval()
+        with torch.no_grad():
+            x, _ = test.batch(torch.arange(len(test)), augment=False)
+            z = model(x) + model(x.flip(3))  # (logit_adjust trains with the prior; predicts plainly)
+        assert torch.equal(trainer.predict(test), z.argmax(1)), cache
+        assert not torch.equal(z.argmax(1), model(x).argmax(1))  # the mirror changes some answers
