@@ -321,8 +321,10 @@ class TrainConfig(OptimConfig):
                                      "learn at this factor of lr (the classifier and added modules at lr)")
     layer_decay: Optional[float] = spec(None, gt=0.0, le=1.0, doc="stage 1: layer-wise lr "
                                         "decay, the k-th of G layer groups at decay^(G-k) (MAE)")
-    tta: Literal["none", "flip"] = spec("none", doc="test-time augmentation: flip averages "
-                                        "the logits of each image and its mirror image")
+    tta: Literal["none", "flip", "five_crop"] = spec(
+        "none", doc="test-time augmentation: the mean logits of each image and its mirror image "
+                    "(flip), or of LIFT's five crops (five_crop)")
+    tta_expand: int = spec(24, ge=1, doc="five_crop: resize to the input size + this, then crop")
     feature_cache: bool = spec(True, doc="a classifier-only phase on a frozen body without "
                                "augmentation computes the body's features once (a linear probe's: "
                                "once per worker), not every epoch")

@@ -41,22 +41,22 @@ class DeviceFeatures:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, idx: torch.Tensor, gen=None, augment: bool = True):
-        return self.x[idx], self.y[idx]
+    def batch(self, idx: torch.Tensor, gen=None, augment: bool = True, view=None):
+        return self.x[idx], self.y[idx]  # (a view's features are a set of their own)
 
 
 @torch.no_grad()
-def embed_all(model: nn.Module, images, batch_size: int, autocast, flip: bool = False) -> DeviceFeatures:
-    """``model.embed`` of every image (``flip``: of its mirror image), unaugmented, in eval
+def embed_all(model: nn.Module, images, batch_size: int, autocast, view=None) -> DeviceFeatures:
+    """``model.embed`` of every image (``view``: one test-time view of it), unaugmented, in eval
     mode, as float32."""
     was = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(images)), device=images.y.device)
-        x, _ = images.batch(idx, augment=False)
+        x, _ = images.batch(idx, augment=False, view=view)
         with autocast():
-            out.append(model.embed(x.flip(3) if flip else x).float())
+            out.append(model.embed(x).float())
     model.train(was)
     return DeviceFeatures(torch.cat(out), images.y)
 

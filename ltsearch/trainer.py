@@ -28,7 +28,7 @@ import torch
 from ltsearch import features as frozen
 from ltsearch.config import Config, ConfigError
 from ltsearch.data import LongTailData
-from ltsearch.data.device import DeviceImages, channel_stats
+from ltsearch.data.device import DeviceImages, channel_stats, tta_views
 from ltsearch.data.samplers import ClassIndex
 from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
@@ -159,18 +159,15 @@ class Trainer:
                 or not self.method.features_cacheable(phase)):
             return None
         d = self.cfg.to_dict()
-        key = ((repr(d["model"]), repr(d["data"]), d["train"]["tta"], str(self.device)) if index == 0
+        key = ((repr(d["model"]), repr(d["data"]), repr(self._views()), str(self.device)) if index == 0
                else (id(self), index))
         bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
 
-        def compute() -> dict:
-            sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
-            out = {name: frozen.embed_all(self.model, images, bs, self._autocast)
-                   for name, images in sets.items()}
-            if self.cfg.train.tta == "flip":  # the mirror images' features too, for evaluation
-                out.update({f"{name}/flipped": frozen.embed_all(self.model, sets[name], bs,
-                                                                self._autocast, flip=True)
-                            for name in ("val", "test")})
+        def compute() -> dict:  # the training images; each evaluation view of val and test
+            out = {"train": frozen.embed_all(self.model, self.train_set, bs, self._autocast)}
+            for name, images in (("val", self.val_set), ("test", self.test_set)):
+                for v, view in enumerate(self._views()):
+                    out[f"{name}@{v}"] = frozen.embed_all(self.model, images, bs, self._autocast, view)
             return out
 
         return frozen.features(key, compute, keep=index == 0)
@@ -179,13 +176,14 @@ class Trainer:
         return (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
                 else contextlib.nullcontext())
 
-    def _on(self, images):
-        """(the set a step or an evaluation reads, the model's state it runs in): the phase's
-        frozen features and the model on them, or the images and the model itself."""
+    def _views(self) -> list:
+        return tta_views(self.cfg.train.tta, self.cfg.train.tta_expand)
+
+    def _on(self, name: str, images):
+        """(what a step or an evaluation reads, the model's state it runs in): the phase's frozen
+        features ``name`` and the model on them, or the images and the model itself."""
         if self._features is None:
             return images, contextlib.nullcontext(self.model)
-        name = next(k for k, v in (("train", self.train_set), ("val", self.val_set),
-                                   ("test", self.test_set)) if v is images)
         return self._features[name], frozen.on_features(self.model)
 
     def _train_mode(self, phase: Phase) -> None:
@@ -223,7 +221,7 @@ class Trainer:
         self.method.start_epoch(phase, e, steps, rng)
         forward = self._forward_fn(phase)
         autocast = self._autocast()
-        train_set, on = self._on(self.train_set)
+        train_set, on = self._on("train", self.train_set)
 
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
@@ -266,20 +264,17 @@ class Trainer:
         self.model.eval()
         preds = []
         bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
-        flip = self.cfg.train.tta == "flip"
-        name = next((k for k, v in (("val", self.val_set), ("test", self.test_set)) if v is images), None)
-        mirrored = self._features.get(f"{name}/flipped") if self._features is not None else None
-        images, on = self._on(images)
-        with on:
-            for i in range(0, len(images), bs):
-                idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
-                x, _ = images.batch(idx, augment=False)
-                with self._autocast():
-                    z = self.method.logits(self.model, x).float()
-                    if flip:  # the mirror image's logits (its stored features, on the cache)
-                        x_m = mirrored.x[idx] if mirrored is not None else x.flip(3)
-                        z = (z + self.method.logits(self.model, x_m).float()) / 2
-                preds.append(z.argmax(1))
+        name = "test" if images is self.test_set and images is not self.val_set else "val"
+        views = self._views()
+        for i in range(0, len(images), bs):
+            idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
+            z = 0.0  # the views' mean logits (their sum: the same argmax)
+            for v, view in enumerate(views):
+                source, on = self._on(f"{name}@{v}", images)
+                with on, self._autocast():
+                    x, _ = source.batch(idx, augment=False, view=view)
+                    z = z + self.method.logits(self.model, x).float()
+            preds.append(z.argmax(1))
         return torch.cat(preds)
 
     def evaluate(self, images: DeviceImages, prefix: str) -> dict:

@@ -112,6 +112,7 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("mlflow", path=str(BIN)) is None, reason="mlflow CLI not installed")
+@pytest.mark.filterwarnings("error:The reported value is ignored:UserWarning")  # (told twice on resume)
 def test_tracking_server_lost_mid_search_then_resume(tmp_path, ray_address, session_hold, monkeypatch,
                                                      capsys):
     """An exception escaping Tune's fit (here: the MLflow server dies mid-search) used to leave

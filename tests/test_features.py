@@ -81,19 +81,35 @@ def test_augmentation_turns_the_cache_off(weights):
     cfg.data.augment.hflip = False
     trainer = Trainer(cfg, build_data(cfg.data), "cpu")
     trainer.train_epoch()
-    assert set(trainer._features) == {"train", "val", "test"}
+    assert set(trainer._features) == {"train", "val@0", "test@0"}  # (one view each: no tta)
 
 
-def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror(weights):
+@pytest.mark.parametrize("tta", ["flip", "five_crop"])
+def test_tta_averages_the_logits_of_each_view(weights, tta):
+    """flip: the image and its mirror; five_crop: LIFT's, resized to the input size + 24 and
+    cropped by torchvision's FiveCrop. The same predictions on stored features as on images."""
+    import torch.nn.functional as F
+    import torchvision.transforms.functional as TF
+
     for cache in (True, False):
-        cfg = _config(weights, {"name": "linear_probe"}, tta="flip", feature_cache=cache)
+        cfg = _config(weights, {"name": "linear_probe"}, tta=tta, feature_cache=cache)
         frozen._KEPT.clear()
         trainer = Trainer(cfg, build_data(cfg.data), "cpu")
         trainer.train_epoch()
         model, test = trainer.model, trainer.test_set
         model.eval()
+        raw = test.x.float().div(255).expand(-1, 3, -1, -1)  # digits: grey 8×8
+        norm = lambda x: (x - 0.5) / 0.5  # noqa: E731  (timm's ViT: mean = std = 0.5)
         with torch.no_grad():
-            x, _ = test.batch(torch.arange(len(test)), augment=False)
-            z = model(x) + model(x.flip(3))  # (logit_adjust trains with the prior; predicts plainly)
-        assert torch.equal(trainer.predict(test), z.argmax(1)), cache
-        assert not torch.equal(z.argmax(1), model(x).argmax(1))  # the mirror changes some answers
+            if tta == "flip":
+                x = norm(F.interpolate(raw, size=(16, 16), mode="bicubic", align_corners=False))
+                views = [x, x.flip(3)]
+            else:
+                big = F.interpolate(raw, size=(40, 40), mode="bicubic", align_corners=False)
+                views = [norm(c) for c in TF.five_crop(big, [16, 16])]
+            z = sum(model(v) for v in views)
+            plain = model(views[0] if tta == "flip" else norm(
+                F.interpolate(raw, size=(16, 16), mode="bicubic", align_corners=False)))
+        got = trainer.predict(test)
+        assert torch.equal(got, z.argmax(1)), (tta, cache)
+        assert not torch.equal(got, plain.argmax(1))  # the views change some answers

@@ -300,3 +300,20 @@ def test_a_digits_lt_search_over_fine_tuning_parts_with_a_saved_backbone(saved, 
         assert r["config"]["model"]["weights"] == data["base"]["model"]["weights"]
         words = [w for w in (method["loss"]["name"], method["finetune"]["name"]) if w != "ce"]
         assert r["method"] == "+".join(words), r
+
+
+def test_a_search_with_weights_that_do_not_fit_exits_2_before_ray(saved, tmp_path, capsys):
+    import yaml
+
+    from conftest import tiny_search
+    from ltsearch.cli import main
+
+    data = tiny_search(method={"linear_probe": {}})
+    data["base"]["model"] = {"arch": VIT, "weights": str(saved["folder"] / "resnet.pth"),
+                             "options": VIT_OPTIONS}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path), "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base.model.weights" in err[0] and "does not fit vit_tiny_patch16_224" in err[0]
+    assert not list((tmp_path / "s").glob("*/ray"))  # Ray never started

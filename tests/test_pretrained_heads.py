@@ -64,8 +64,10 @@ def test_bad_open_clip_input_is_one_message(clip, tmp_path):
     other = {"w": torch.zeros(3)}
     save_file(other, str(tmp_path / "other.safetensors"))
     wrong = ModelConfig(**{**clip["section"], "weights": str(tmp_path / "other.safetensors")})
-    with pytest.raises(ConfigError, match=r"model.weights: .*other.safetensors does not fit tiny-clip: "
-                                          r"Missing key\(s\) in state_dict: \"positional_embedding\""):
+    with pytest.raises(ConfigError, match=r"model.weights: .*other.safetensors does not fit tiny-clip: it "
+                                          r"lacks 50 tensors \(positional_embedding, text_projection, "
+                                          r"logit_scale, visual.class_embedding, … 46 more\); it holds extra "
+                                          r"1 tensors \(w\)$"):
         check_model(wrong)
     with pytest.raises(ConfigError, match="model.options.model_config: no such file"):
         config_from_dict({**DIGITS, "model": {**clip["section"], "options": {"model_config": str(tmp_path / "x.json")}}})

@@ -34,7 +34,9 @@ class DeviceImages:
         return len(self.y)
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None,
-              augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              augment: bool = True, view: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx``, augmented (training) or as they are; ``view``: one test-time view of
+        them (:data:`TTA_VIEWS`)."""
         x = self.x[idx]
         if augment and self.crop_pad:
             x = random_crop(x, self.crop_pad, gen)
@@ -44,11 +46,35 @@ class DeviceImages:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         if self.channels is not None and x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
-        if self.size is not None:
-            smooth = {} if self.interpolation == "nearest" else {"align_corners": False}
-            x = torch.nn.functional.interpolate(x, size=self.size, mode=self.interpolation, **smooth)
+        size = self.size or tuple(x.shape[2:])
+        if view is not None and view[0] == "flip":
+            x = x.flip(3)
+        if view is not None and view[0] == "crop":  # LIFT's: resize to size + e, crop one of five
+            _, corner, e = view
+            x = self._resized(x, (size[0] + e, size[1] + e))
+            top, left = ((0, 0), (0, e), (e, 0), (e, e), (round(e / 2), round(e / 2)))[corner]
+            x = x[:, :, top:top + size[0], left:left + size[1]]
+        elif self.size is not None:
+            x = self._resized(x, self.size)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last), self.y[idx]
+
+    def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
+        smooth = {} if self.interpolation == "nearest" else {"align_corners": False}
+        return torch.nn.functional.interpolate(x, size=size, mode=self.interpolation, **smooth)
+
+
+def tta_views(mode: str, expand: int = 24) -> list[tuple | None]:
+    """The views an evaluation averages the logits of: the image itself; with its mirror image
+    (``flip``); LIFT's five crops (Shi et al. 2024, ``tte_mode: fivecrop``: resized to the input
+    size + ``expand``, then torchvision's FiveCrop order: the four corners and the centre)."""
+    if mode == "flip":
+        return [None, ("flip",)]
+    if mode == "five_crop":
+        return [("crop", k, expand) for k in range(5)]
+    return [None]
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:

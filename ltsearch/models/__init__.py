@@ -173,9 +173,27 @@ def check_model(model: ModelConfig, key: str = "model", load: bool = True) -> No
     try:  # the real load, on the CPU: what else does not fit (a shape) fails here, not in a trial
         _pretrained_body(model, path)
     except Exception as e:
-        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
-        said = next((line for line in lines if "mismatch" in line or "Missing" in line), lines[0])
-        raise ConfigError(f"{key}.weights", f"{path} does not fit {name}: {said[:300]}") from None
+        raise ConfigError(f"{key}.weights", f"{path} does not fit {name}: {_load_error(e)}") from None
+
+
+def _load_error(e: Exception) -> str:
+    """torch's load_state_dict error in a line: what is missing or extra (counted, the first few
+    named) or the first size mismatch."""
+    import re
+
+    from ltsearch.models.weights import few
+
+    lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+    said = []
+    for line in lines:
+        for kind, verb in (("Missing", "lacks"), ("Unexpected", "holds extra")):
+            if line.startswith(f"{kind} key(s)"):
+                names = re.findall(r'"([^"]+)"', line)
+                said.append(f"it {verb} {len(names)} tensors ({few(names)})")
+    mismatch = next((line for line in lines if "size mismatch" in line), None)
+    if mismatch:
+        said.append(mismatch)
+    return "; ".join(said) or lines[0][:300]
 
 
 def layer_groups(body: nn.Module) -> list[list[nn.Parameter]]:

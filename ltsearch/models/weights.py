@@ -86,11 +86,11 @@ def check_fit(path: Path, arch: str, expected: dict[str, tuple[int, ...]], ignor
     if missing or unexpected:
         said = []
         if missing:
-            said.append(f"lacks {len(missing)} of {arch}'s {len(expected)} tensors ({_few(missing)})")
+            said.append(f"lacks {len(missing)} of {arch}'s {len(expected)} tensors ({few(missing)})")
         if unexpected:
-            said.append(f"holds {len(unexpected)} that {arch} has not ({_few(unexpected)})")
+            said.append(f"holds {len(unexpected)} that {arch} has not ({few(unexpected)})")
         raise ConfigError(key, f"{path} does not fit {arch}: it " + "; it ".join(said))
 
 
-def _few(names: list[str], n: int = 4) -> str:
+def few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f", … {len(names) - n} more" if len(names) > n else "")

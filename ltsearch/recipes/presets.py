@@ -60,10 +60,10 @@ PRESETS: dict[str, dict] = {
     # pretrained ViT with AdaptFormer adapters, the logit-adjusted loss, a cosine head (s = 25)
     # initialised from the class names' text features (an OpenCLIP backbone; any other:
     # `arch.classifier.init: class_mean`), 10 epochs of SGD at lr 0.01, weight decay 5e-4,
-    # batch 128, cosine schedule. Not modelled: LIFT's test-time ensemble of crops.
+    # batch 128, cosine schedule, and its test-time ensemble of five crops (test_ensemble: True).
     "lift": {"finetune": {"name": "adaptformer"}, "loss": {"name": "logit_adjust", "tau": 1.0},
              "arch": {"name": "plain", "classifier": {"name": "cosine", "scale": 25.0, "init": "text"}},
-             "train": LIFT_TRAIN},
+             "train": {**LIFT_TRAIN, "tta": "five_crop"}},
     # A linear probe: the pretrained backbone frozen, the classifier learns with the
     # logit-adjusted loss (LIFT's classifier-only row), LIFT's training recipe.
     "linear_probe": {"finetune": {"name": "linear"}, "loss": {"name": "logit_adjust", "tau": 1.0},

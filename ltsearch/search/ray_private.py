@@ -42,6 +42,9 @@ def prune_aware_optuna():
             for rung, value in enumerate(result.get(RUNG_VALUES) or []):
                 if value is None or rung in steps:
                     continue
+                if rung in self._study_steps(trial_id):  # told before this searcher's snapshot
+                    steps.add(rung)                      # (a resume): Optuna would warn, not keep
+                    continue
                 try:
                     self._ot_trials[trial_id].report(value, rung)
                 except optuna.exceptions.UpdateFinishedTrialError:
@@ -50,6 +53,16 @@ def prune_aware_optuna():
                     self._completed_trials.add(trial_id)
                     return
                 steps.add(rung)
+
+        def _study_steps(self, trial_id) -> set:
+            """The steps the study holds intermediate values of for the trial."""
+            ot = self._ot_trials.get(trial_id)
+            if ot is None:
+                return set()
+            for t in self._ot_study.get_trials(deepcopy=False):
+                if t.number == ot.number:
+                    return set(t.intermediate_values)
+            return set()
 
         def on_trial_result(self, trial_id, result):
             if trial_id not in self._completed_trials:
