@@ -109,9 +109,13 @@ def test_combinations_that_cannot_work_on_a_vit_are_refused(saved, method, key, 
         _vit_cfg(saved, **method)
 
 
-def test_transformer_parts_are_refused_on_a_cnn():
+def test_transformer_parts_are_refused_on_a_cnn_and_parts_on_two_branches():
     with pytest.raises(ConfigError, match="method.finetune: finetune 'lora' acts on a ViT's transformer blocks"):
         config_from_dict({**DIGITS, "method": {"name": "ce", "finetune": "lora"}})
+    with pytest.raises(ConfigError, match="method.finetune: finetune 'linear' needs the plain network; "
+                                          "arch 'bilateral' has two branches"):
+        config_from_dict({**DIGITS, "method": {"name": "bbn", "finetune": "linear"}})
+    assert config_from_dict({**DIGITS, "method": {"name": "bbn", "finetune": "full"}}).method.label() == "bbn"
 
 
 def _built(saved, finetune, classes=10):

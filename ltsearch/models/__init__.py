@@ -84,6 +84,12 @@ def preprocess(model: ModelConfig) -> Preprocess:
     """The input the backbone expects (a network from scratch: the data's own)."""
     if not pretrained(model.arch):
         return Preprocess()
+    return _preprocessed(model.arch, json.dumps(model.options, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _preprocessed(arch: str, options: str) -> Preprocess:
+    model = ModelConfig(arch=arch, options=json.loads(options))
     with torch.device("meta"):  # the config alone, no weights in memory
         return _preprocess_of(_pretrained_body(model, None), model)
 
@@ -95,7 +101,7 @@ def _preprocess_of(body: nn.Module, model: ModelConfig) -> Preprocess:
         return preprocess_of(body.net, model.options)
     from ltsearch.models.open_clip_body import preprocess_of
 
-    return preprocess_of(body.__dict__["_clip"])
+    return preprocess_of(body.visual)
 
 
 def describe(model: ModelConfig) -> dict:

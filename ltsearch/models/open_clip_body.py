@@ -109,8 +109,12 @@ class OpenCLIPBody(nn.Module):
         clip.eval()
         text = F.normalize(clip.encode_text(tokens).float(), dim=-1)
         out = F.normalize(text @ self.__dict__["_proj"].detach().float().T, dim=-1)
-        del self.__dict__["_clip"]
+        self.release_text()
         return out
+
+    def release_text(self) -> None:
+        """Drop the text tower (kept only for a text-initialised head)."""
+        self.__dict__.pop("_clip", None)
 
     def vit(self) -> Optional[ViTView]:
         v = self.visual
@@ -135,8 +139,8 @@ class OpenCLIPBody(nn.Module):
         return [g for g in groups if g]
 
 
-def preprocess_of(clip: nn.Module) -> Preprocess:
-    cfg = clip.visual.preprocess_cfg
+def preprocess_of(visual: nn.Module) -> Preprocess:
+    cfg = visual.preprocess_cfg
     size = cfg["size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
     return Preprocess(size=size, interpolation=cfg.get("interpolation", "bicubic"),

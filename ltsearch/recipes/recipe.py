@@ -206,7 +206,7 @@ def check_backbone(cfg: RecipeConfig, backbone: dict, arch: str, prefix: str = "
         raise ConfigError(f"{prefix}.arch.classifier.init", f"text encodes the class names with "
                           f"a CLIP text tower; {arch} has none (use open_clip:<name>, or class_mean)")
     tune = FINETUNE.get(cfg.finetune.name)
-    if tune.name != "full" and not ARCHS.get(cfg.arch.name).single_branch:
+    if not tune.any_arch and not ARCHS.get(cfg.arch.name).single_branch:
         raise ConfigError(f"{prefix}.finetune", f"finetune {tune.name!r} needs the plain network; "
                                                 f"arch {cfg.arch.name!r} has two branches")
     tune.check(cfg.finetune.params, backbone, f"{prefix}.finetune")

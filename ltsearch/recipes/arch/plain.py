@@ -66,6 +66,8 @@ class Plain(Part):
                 model.classifier.weight.copy_(body.text_features(self.ctx.classes, h.template))
                 if getattr(model.classifier, "bias", None) is not None:
                     model.classifier.bias.zero_()
+        if hasattr(body, "release_text"):  # a CLIP's text tower: not needed past here
+            body.release_text()
         return model
 
     @torch.no_grad()

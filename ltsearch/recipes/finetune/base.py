@@ -17,6 +17,7 @@ class FineTune(Part):
     frozen_body: ClassVar[bool] = False  # the body is frozen and in eval mode (a linear probe)
     needs_blocks: ClassVar[bool] = False  # acts on a ViT's transformer blocks
     needs_qkv: ClassVar[bool] = False  # on their attention's one q, k, v projection (a Linear)
+    any_arch: ClassVar[bool] = False  # composes with any arch part (BBN's two branches too)
 
     def __init__(self, params):
         self.params = params

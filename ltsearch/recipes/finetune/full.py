@@ -6,3 +6,4 @@ from ltsearch.recipes.protocol import FINETUNE
 @FINETUNE.register
 class Full(FineTune):
     name = "full"
+    any_arch = True  # trains everything: no part of the network to find
