@@ -219,16 +219,41 @@ def scale_epoch(value: EpochAt, ratio: float) -> EpochAt:
 
 @dataclass
 class AugmentConfig:
-    """Batched on-device augmentation (pad-and-crop, horizontal flip, normalisation)."""
+    """Batched on-device augmentation (pad-and-crop or random-resized-crop, horizontal flip,
+    normalisation) and the evaluation's centre crop."""
     crop_pad: int = spec(4, ge=0, doc="zero padding before the random crop; 0 turns cropping off")
     hflip: bool = spec(True, doc="random horizontal flip with p=0.5")
+    random_resized_crop: bool = spec(False, doc="ImageNet-style: a box of area fraction in "
+                                     "scale and aspect ratio in ratio, resized to the input size "
+                                     "(instead of pad-and-crop)")
+    scale: list[float] = spec(factory=lambda: [0.08, 1.0], gt=0.0, le=1.0,
+                              doc="random_resized_crop: the box's area fraction [min, max]")
+    ratio: list[float] = spec(factory=lambda: [0.75, 4 / 3], gt=0.0,
+                              doc="random_resized_crop: the box's aspect ratio [min, max]")
+    eval_crop_pct: Optional[float] = spec(None, gt=0.0, le=1.0, doc="evaluation: resize to "
+                                          "size / pct and keep the centre (timm's crop_pct); "
+                                          "null: the whole image")
+
+    def check(self):
+        for key in ("scale", "ratio"):
+            v = getattr(self, key)
+            if len(v) != 2 or v[0] > v[1]:
+                raise ConfigError(key, f"must be [min, max] with min <= max, got {v}")
+        if self.random_resized_crop and self.crop_pad:
+            raise ConfigError("crop_pad", "random_resized_crop crops already: set crop_pad: 0")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder"] = spec(
-        "digits", doc="digits is scikit-learn's load_digits, shipped with the package")
-    root: Optional[str] = spec(None, doc="folder of the data (torchvision files or an ImageFolder tree)")
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "list"] = spec(
+        "digits", doc="digits is scikit-learn's load_digits, shipped with the package; list: "
+                      "split files (train, test, val) of 'relative/path label' lines or CSV")
+    root: Optional[str] = spec(None, doc="folder of the data (torchvision files, an ImageFolder "
+                               "tree, or the root the split files' paths are relative to)")
+    train: Optional[str] = spec(None, doc="list: the training split file (.txt lines or .csv)")
+    val: Optional[str] = spec(None, doc="list: the validation split file (optional)")
+    test: Optional[str] = spec(None, doc="list: the test split file")
+    classes: Optional[str] = spec(None, doc="list: a file of class names, one a line, in index order")
     profile: Literal["exp", "step", "none"] = spec(
         "exp", doc="long-tail profile over classes; none keeps the data as it is")
     imbalance_factor: float = spec(10.0, ge=1.0, doc="n_max / n_min; 1 keeps classes balanced")
@@ -239,6 +264,18 @@ class DataConfig:
     image_size: Optional[int] = spec(None, gt=0, doc="imagefolder: resize to this square size")
     subset_seed: int = spec(0, doc="numpy seed of the LDAM-DRW per-class shuffle")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def check(self):
+        if self.source == "list":
+            for key in ("root", "train", "test"):
+                if getattr(self, key) is None:
+                    raise ConfigError(key, "required with source: list (the split files and "
+                                           "the folder their paths are relative to)")
+        else:
+            for key in ("train", "val", "test", "classes"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(key, f"split files are read with source: list, not "
+                                           f"{self.source}")
 
 
 @dataclass

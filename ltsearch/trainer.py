@@ -89,10 +89,12 @@ class Trainer:
         pre = preprocess(cfg.model)
         mean, std = ((torch.tensor(pre.mean), torch.tensor(pre.std)) if pre.mean is not None
                      else channel_stats(data.train))
-        shape = dict(size=pre.size, interpolation=pre.interpolation, channels=pre.channels)
         aug = cfg.data.augment
+        shape = dict(size=pre.size, interpolation=pre.interpolation, channels=pre.channels,
+                     eval_crop_pct=aug.eval_crop_pct)
+        rrc = (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None
         self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
-                                      **shape)
+                                      rrc=rrc, **shape)
         self.val_set = DeviceImages(data.val, self.device, mean, std, **shape)
         self.test_set = (self.val_set if data.val is data.test else
                          DeviceImages(data.test, self.device, mean, std, **shape))
@@ -154,8 +156,8 @@ class Trainer:
         """The phase's train/val/test features where its body cannot change and its images are
         seen as they are (:mod:`ltsearch.features`), else None. The first phase's body is the
         one built (pretrained): its features are kept for this process's later trials."""
-        augments = self.train_set.crop_pad or self.train_set.hflip
-        if (not phase.classifier_only or phase.update_bn or augments or not self.cfg.train.feature_cache
+        if (not phase.classifier_only or phase.update_bn or self.train_set.augments
+                or not self.cfg.train.feature_cache
                 or not self.method.features_cacheable(phase)):
             return None
         d = self.cfg.to_dict()

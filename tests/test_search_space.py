@@ -172,7 +172,8 @@ def test_searched_augmentation_reaches_the_trial_config():
 
     for given in ({"crop_pad": 2, "hflip": True}, {"crop_pad": 0, "hflip": False}):
         cfg = space.trial_config({"method": "ce", "data.augment": given})
-        assert cfg["data"]["augment"] == given
+        assert {k: cfg["data"]["augment"][k] for k in given} == given  # (the rest: defaults)
+        assert not cfg["data"]["augment"]["random_resized_crop"]
         cfg["train"]["device"] = "cpu"
         run = config_from_dict(cfg)
         trainer = Trainer(run, build_data(run.data))

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import torch
 
+from ltsearch.data.crops import centre_crop, crop_resize, rrc_boxes
 from ltsearch.data.sources import ImageSet
 
 
@@ -17,7 +18,8 @@ class DeviceImages:
     def __init__(self, images: ImageSet, device: torch.device, mean: torch.Tensor,
                  std: torch.Tensor, crop_pad: int = 0, hflip: bool = False,
                  size: tuple[int, int] | None = None, interpolation: str = "bilinear",
-                 channels: int | None = None):
+                 channels: int | None = None, rrc: tuple | None = None,
+                 eval_crop_pct: float | None = None):
         self.x = shared(np.ascontiguousarray(images.x)).to(device)
         self.y = shared(images.y).to(device)
         self.mean = mean.to(device).view(1, -1, 1, 1)
@@ -29,6 +31,13 @@ class DeviceImages:
         self.size = None if size is None or tuple(size) == tuple(self.x.shape[2:]) else tuple(size)
         self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.channels = channels
+        self.rrc = rrc  # (scale, ratio) of random-resized-crop training boxes, or None
+        self.eval_crop_pct = eval_crop_pct
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches differ from the images as they are."""
+        return bool(self.crop_pad or self.hflip or self.rrc)
 
     def __len__(self):
         return len(self.y)
@@ -41,12 +50,16 @@ class DeviceImages:
         if augment and self.crop_pad:
             x = random_crop(x, self.crop_pad, gen)
         x = x.float().div_(255.0)
+        size = self.size or tuple(x.shape[2:])
+        resized = False
+        if augment and self.rrc is not None:  # a box per image, resized to the input size
+            boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], *self.rrc, gen, x.device)
+            x, resized = crop_resize(x, boxes, size), True
         if augment and self.hflip:
             flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         if self.channels is not None and x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
-        size = self.size or tuple(x.shape[2:])
         if view is not None and view[0] == "flip":
             x = x.flip(3)
         if view is not None and view[0] == "crop":  # LIFT's: resize to size + e, crop one of five
@@ -54,8 +67,10 @@ class DeviceImages:
             x = self._resized(x, (size[0] + e, size[1] + e))
             top, left = ((0, 0), (0, e), (e, 0), (e, e), (round(e / 2), round(e / 2)))[corner]
             x = x[:, :, top:top + size[0], left:left + size[1]]
-        elif self.size is not None:
-            x = self._resized(x, self.size)
+        elif not augment and self.eval_crop_pct is not None:
+            x = centre_crop(x, size, self.eval_crop_pct, self._resized)
+        elif not resized:
+            x = self._resized(x, size)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last), self.y[idx]
 

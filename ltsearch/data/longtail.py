@@ -81,7 +81,8 @@ def build_data(cfg, pools: Optional[Pools] = None) -> LongTailData:
     """Load the source named by ``cfg`` (a DataConfig) and draw its long-tailed subset."""
     if pools is None:
         pools = load_pools(cfg.source, cfg.root, test_per_class=cfg.test_per_class,
-                           image_size=cfg.image_size)
+                           image_size=cfg.image_size,
+                           splits=dict(train=cfg.train, test=cfg.test, val=cfg.val, classes=cfg.classes))
     y = pools.train.y
     C = len(pools.classes)
     per_class = np.bincount(y, minlength=C)

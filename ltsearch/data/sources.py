@@ -210,7 +210,8 @@ def load_cifar_pools(root: Path, name: str) -> Pools:
 
 
 def load_pools(source: str, root: Optional[str], *, test_per_class: int = 40,
-               image_size: Optional[int] = None) -> Pools:
+               image_size: Optional[int] = None, splits: Optional[dict] = None) -> Pools:
+    """``splits``: the split files of ``source: list`` (train, test, val, classes)."""
     if source == "digits":
         return load_digits_pools(test_per_class)
     if root is None:
@@ -220,4 +221,8 @@ def load_pools(source: str, root: Optional[str], *, test_per_class: int = 40,
         return load_cifar_pools(path, source)
     if source == "imagefolder":
         return load_image_folder_pools(path, image_size)
+    if source == "list":
+        from ltsearch.data.lists import load_list_pools
+
+        return load_list_pools(path, size=image_size, **(splits or {}))
     raise DataError(f"unknown dataset {source!r}")

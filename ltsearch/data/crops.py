@@ -1,0 +1,60 @@
+"""Crops for real images, batched on the device: random-resized-crop boxes drawn per image as
+torchvision's ``RandomResizedCrop.get_params`` draws them (10 tries of an area fraction in
+``scale`` and a log-uniform aspect ratio in ``ratio``, else the centre crop at the nearest allowed
+ratio), cut and resized in one ``torchvision.ops.roi_align`` call (bilinear, averaged over
+ceil(box / output) samples per pixel: smoothed when it shrinks, as an antialiased resize); and
+the evaluation's resize + centre crop (timm's ``crop_pct``), deterministic."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+              ratio: tuple[float, float], gen: torch.Generator | None, device,
+              attempts: int = 10) -> torch.Tensor:
+    """(n, 4) boxes (x1, y1, x2, y2) in pixel-edge coordinates of an ``height`` × ``width`` image."""
+    area = height * width
+    u = lambda *shape: torch.rand(*shape, device=device, generator=gen)  # noqa: E731
+    target = area * (scale[0] + (scale[1] - scale[0]) * u(n, attempts))
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u(n, attempts)
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * r))
+    h = torch.round(torch.sqrt(target / r))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # the first try that fits
+    found = ok.any(dim=1)
+    w = w.gather(1, first)[:, 0]
+    h = h.gather(1, first)[:, 0]
+    # none fits: the centre crop at the allowed ratio nearest the image's (torchvision's fallback)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    top = torch.floor(u(n) * (height - h + 1))
+    left = torch.floor(u(n) * (width - w + 1))
+    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
+    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each image's box, resized to ``size``."""
+    from torchvision.ops import roi_align
+
+    index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
+    return roi_align(x, torch.cat([index, boxes.to(x.dtype)], dim=1), size, aligned=True)
+
+
+def centre_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float, resize) -> torch.Tensor:
+    """timm's evaluation transform: resize to ``size / crop_pct``, keep the centred ``size``."""
+    big = (int(math.floor(size[0] / crop_pct)), int(math.floor(size[1] / crop_pct)))
+    x = resize(x, big)
+    top, left = round((big[0] - size[0]) / 2), round((big[1] - size[1]) / 2)
+    return x[:, :, top:top + size[0], left:left + size[1]]
