@@ -261,7 +261,10 @@ class DataConfig:
     max_per_class: Optional[int] = spec(None, gt=0, doc="n_max; default: the largest class")
     val_per_class: int = spec(10, ge=0, doc="balanced validation images per class, held out first")
     test_per_class: int = spec(40, gt=0, doc="digits only: stratified test images per class")
-    image_size: Optional[int] = spec(None, gt=0, doc="imagefolder: resize to this square size")
+    image_size: Optional[int] = spec(None, gt=0, doc="imagefolder, list: resize to this square size")
+    cache_dir: Optional[str] = spec(None, doc="imagefolder, list: decode the images once into a "
+                                    "memory-mapped cache in this folder on the node's disk, reused "
+                                    "by every later run, search and resume (needs image_size)")
     subset_seed: int = spec(0, doc="numpy seed of the LDAM-DRW per-class shuffle")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -271,7 +274,12 @@ class DataConfig:
                 if getattr(self, key) is None:
                     raise ConfigError(key, "required with source: list (the split files and "
                                            "the folder their paths are relative to)")
-        else:
+        if self.cache_dir is not None and self.source not in ("imagefolder", "list"):
+            raise ConfigError("cache_dir", f"caches image files (imagefolder, list); {self.source} "
+                                           "is read whole from its own files")
+        if self.cache_dir is not None and self.image_size is None:
+            raise ConfigError("cache_dir", "needs image_size (every cached image has one size)")
+        if self.source != "list":
             for key in ("train", "val", "test", "classes"):
                 if getattr(self, key) is not None:
                     raise ConfigError(key, f"split files are read with source: list, not "

@@ -1,7 +1,6 @@
 """The decode-once cache on disk: built once by racing processes (the same bytes for both), an
 interrupted build (SIGKILL mid-write) never reused, a changed file another key. Real processes,
 real PNG/JPEG files of mixed sizes."""
-import os
 import signal
 import subprocess
 import sys
@@ -100,3 +99,37 @@ def test_a_changed_file_or_size_is_another_cache(files, tmp_path):
     assert cache_key(FileSet(files.paths, (files.y + 1) % 3, 16)) != cache_key(files)
     with pytest.raises(DataError, match="data.cache_dir needs data.image_size"):
         open_cached(FileSet(files.paths, files.y, None), tmp_path / "c")
+
+
+def test_build_data_decodes_once_into_the_cache_and_reads_it_after(tmp_path, monkeypatch):
+    import ltsearch.data.cache as cache
+    import ltsearch.data.sources as sources
+    from ltsearch.data import build_data
+    from ltsearch.runconfig import config_from_dict
+
+    rng = np.random.default_rng(1)
+    for part, n in (("train", 8), ("test", 3)):
+        for c in ("cat", "dog"):
+            (tmp_path / "tree" / part / c).mkdir(parents=True)
+            for i in range(n):
+                side = int(rng.integers(20, 41))
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / part / c / f"{i}.png")
+    data = {"source": "imagefolder", "root": str(tmp_path / "tree"), "image_size": 12,
+            "imbalance_factor": 2, "val_per_class": 1}
+    plain = build_data(config_from_dict({"data": data}).data)
+    cfg = config_from_dict({"data": {**data, "cache_dir": str(tmp_path / "cache")}}).data
+    first = build_data(cfg)
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 2  # the train and test pools
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache, "_decode", no_decoding)
+    monkeypatch.setattr(sources, "_decode", no_decoding)
+    again = build_data(cfg)  # a later run, search or resume on this node: read, not decoded
+    for a, b, c in ((plain.train, first.train, again.train), (plain.test, first.test, again.test),
+                    (plain.val, first.val, again.val)):
+        assert np.array_equal(a.x, b.x) and np.array_equal(b.x, c.x) and np.array_equal(a.y, c.y)
+    with pytest.raises(Exception, match="data.cache_dir: caches image files"):
+        config_from_dict({"data": {"source": "digits", "cache_dir": str(tmp_path)}})

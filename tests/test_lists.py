@@ -58,12 +58,13 @@ def test_split_files_give_their_labels_in_their_order(tree, kind):
     assert pools.classes == CLASSES  # the classes file's order; the CSV's names, sorted
     assert [str(p.relative_to(root)) for p in pools.train.paths] == [p for p, _ in train]
     assert pools.train.y.tolist() == [c for _, c in train]
-    assert pools.test.y.tolist() == [c for _, c in test] and pools.test.x.shape[1:] == (3, 16, 16)
+    decoded = pools.test.load()  # (files until read)
+    assert decoded.y.tolist() == [c for _, c in test] and decoded.x.shape[1:] == (3, 16, 16)
     data = build_data(cfg.data)  # profile none: the split's own long tail
     assert data.counts == np.bincount([c for _, c in train], minlength=3).tolist()
     # a decoded image is its file, resized: the flat colour of its class
     first = Image.open(root / test[0][0]).convert("RGB").resize((16, 16), Image.BILINEAR)
-    assert np.array_equal(pools.test.x[0], np.asarray(first).transpose(2, 0, 1))
+    assert np.array_equal(decoded.x[0], np.asarray(first).transpose(2, 0, 1))
 
 
 @pytest.mark.parametrize("line,said", [

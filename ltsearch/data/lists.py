@@ -105,5 +105,4 @@ def load_list_pools(root: Path, train: Optional[str], test: Optional[str], val: 
     sets = {k: read_split(p, root, names, size) for k, p in files.items()}
     if names is None:  # indices alone: classes 0 … max
         names = [str(c) for c in range(int(max(s.y.max() for s in sets.values())) + 1)]
-    return Pools(names, sets["train"], sets["test"].load(),
-                 sets["val"].load() if "val" in sets else None)
+    return Pools(names, sets["train"], sets["test"], sets.get("val"))  # (decoded by build_data)

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from ltsearch.data.sources import DataError, ImageSet, Pools, load_pools
+from ltsearch.data.sources import DataError, FileSet, ImageSet, Pools, load_pools
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,13 @@ def build_data(cfg, pools: Optional[Pools] = None) -> LongTailData:
         pools = load_pools(cfg.source, cfg.root, test_per_class=cfg.test_per_class,
                            image_size=cfg.image_size,
                            splits=dict(train=cfg.train, test=cfg.test, val=cfg.val, classes=cfg.classes))
+    cache_dir = getattr(cfg, "cache_dir", None)
+    if cache_dir is not None:  # decoded once into the node's cache (the subsets read from it)
+        from ltsearch.data.cache import open_cached
+
+        pools = Pools(pools.classes, *(open_cached(p, cache_dir) if isinstance(p, FileSet) else p
+                                       for p in (pools.train, pools.test, pools.val)))
+    pools.test, pools.val = (p.load() if isinstance(p, FileSet) else p for p in (pools.test, pools.val))
     y = pools.train.y
     C = len(pools.classes)
     per_class = np.bincount(y, minlength=C)

@@ -38,10 +38,11 @@ class ImageSet:
 
 @dataclass
 class Pools:
+    """A source's pools; image files (:class:`FileSet`) are decoded by whoever reads them."""
     classes: list[str]
     train: "ImageSet | FileSet"
-    test: ImageSet
-    val: Optional[ImageSet] = None
+    test: "ImageSet | FileSet"
+    val: "Optional[ImageSet | FileSet]" = None
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +158,8 @@ def load_image_folder_pools(root: Path, size: Optional[int] = None) -> Pools:
     _, test = list_image_folder(root / "test", classes, size=size)
     val = None
     if (root / "val").is_dir():
-        val = list_image_folder(root / "val", classes, size=size)[1].load()
-    return Pools(classes, train, test.load(), val)
+        val = list_image_folder(root / "val", classes, size=size)[1]
+    return Pools(classes, train, test, val)  # (files: decoded by build_data, or cached)
 
 
 def _torchvision_cifar(root: Path, name: str) -> Pools:
