@@ -334,6 +334,7 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
                  "--tracking-uri", uri, "--confirm", "1:1"])
     resumed = capsys.readouterr()
     assert code == 0, resumed.out[-3000:] + resumed.err[-3000:]
+    assert "completed. Last result" not in resumed.out + resumed.err  # (Tune's, per skipped trial)
     after = _trials(copy)
     for k in rewound:
         assert {f: after[k][f] for f in ("status", "epochs", "metrics")} == \

@@ -187,6 +187,26 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
+def quiet_trial_progress() -> Callback:
+    """Tune adds its TrialProgressCallback unless one is given, and that one's "Trial … completed.
+    Last result: …" line ignores the verbosity (a resumed search printed one per trial it
+    skipped). Given this one, at verbosity 0 nothing of Tune's per-trial printing runs; ours
+    (:class:`ProgressCallback`) says what matters."""
+    from ray.tune.progress_reporter import TrialProgressCallback
+
+    class QuietTrialProgress(TrialProgressCallback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            pass
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            pass
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            pass
+
+    return QuietTrialProgress()
+
+
 class ProgressCallback(Callback):
     """One line per trial event that matters (started, finished, pruned, failed) and a progress
     line: trials done of the total, the time since the command started (``began``, on

@@ -80,7 +80,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     """Run what confirmation is missing; "finished" or "interrupted"."""
     from ray import tune
 
-    from ltsearch.search.callbacks import ProgressCallback, SearchCallback
+    from ltsearch.search.callbacks import ProgressCallback, SearchCallback, quiet_trial_progress
     from ltsearch.search.ray_private import replace_restored_callbacks, restored_search_alg
 
     space, settings = search.space, search.space.settings
@@ -92,7 +92,8 @@ def run_confirmation(search: Search, verbose: int) -> str:
 
     def callbacks():
         return [SearchCallback(search.records, space, search.tracker, search.backbone),
-                ProgressCallback(search.records, space, confirming=True, began=search.began)]
+                ProgressCallback(search.records, space, confirming=True, began=search.began),
+                *([quiet_trial_progress()] if verbose < 1 else [])]
 
     def ending(grid, asked: int) -> str:
         search.tune_trial_ids |= {r.metrics.get("trial_id") for r in grid if r.metrics}

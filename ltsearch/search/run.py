@@ -331,7 +331,8 @@ def _tune(search: Search, verbose: int) -> str:
     import optuna
     from ray import tune
 
-    from ltsearch.search.callbacks import ProgressCallback, ReportPreload, SearchCallback
+    from ltsearch.search.callbacks import (ProgressCallback, ReportPreload, SearchCallback,
+                                           quiet_trial_progress)
     from ltsearch.search.limiter import SearchLimiter, agreeing
     from ltsearch.search.ray_private import (prune_aware_optuna, replace_restored_callbacks,
                                              replace_restored_scheduler, restored_search_alg)
@@ -343,6 +344,8 @@ def _tune(search: Search, verbose: int) -> str:
                  ProgressCallback(search.records, space, began=search.began)]  # progress reads them
     if settings.report:
         callbacks.append(ReportPreload(settings.num_samples, settings.max_concurrent))
+    if verbose < 1:
+        callbacks.append(quiet_trial_progress())
     if search.resume:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
