@@ -321,3 +321,23 @@ def test_a_search_with_weights_that_do_not_fit_exits_2_before_ray(saved, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "base.model.weights" in err[0] and "does not fit vit_tiny_patch16_224" in err[0]
     assert not list((tmp_path / "s").glob("*/ray"))  # Ray never started
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "mixup_drw", "finetune": "adaptformer", "posthoc": {"logit_adjust": 1.0}},
+    {"name": "custom", "finetune": "lora", "sampler": {"name": "balanced"},
+     "stage2": {"name": "lws", "epochs": 1}},
+    {"name": "custom", "finetune": "bitfit", "loss": "ldam", "arch": {"classifier": "normed"},
+     "weights": {"start": 0.5}, "stage2": {"name": "crt", "epochs": 1}},
+    {"name": "custom", "finetune": "vpt", "loss": "balanced_softmax", "stage2": {"name": "tau_norm"}},
+])
+def test_every_existing_part_still_composes_on_a_pretrained_vit(saved, method):
+    from ltsearch.data import build_data
+    from ltsearch.trainer import Trainer
+
+    cfg = config_from_dict({**DIGITS, "model": {"arch": VIT, "weights": str(saved["folder"] / "vit.safetensors"),
+                                                "options": VIT_OPTIONS}, "method": method})
+    trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+    result = trainer.fit()
+    assert result.status == "finished" and trainer.total_epochs == 2 + cfg.method.extra_epochs(cfg.train)
+    assert math.isfinite(result.metrics["train/loss"]) and "test/balanced_acc" in result.metrics
