@@ -161,9 +161,9 @@ class Trainer:
                 or not self.method.features_cacheable(phase)):
             return None
         d = self.cfg.to_dict()
-        key = ((repr(d["model"]), repr(d["data"]), repr(self._views()), str(self.device)) if index == 0
-               else (id(self), index))
-        bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
+        key = ((repr(d["model"]), repr(d["data"]), repr(self._views()), str(self.device))
+               if index == 0 else (id(self), index))
+        bs = self._eval_batch
 
         def compute() -> dict:  # the training images; each evaluation view of val and test
             out = {"train": frozen.embed_all(self.model, self.train_set, bs, self._autocast)}
@@ -173,6 +173,10 @@ class Trainer:
             return out
 
         return frozen.features(key, compute, keep=index == 0)
+
+    @property
+    def _eval_batch(self) -> int:
+        return self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
 
     def _autocast(self):
         return (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
@@ -228,7 +232,26 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
         with on:
-            loss_sum = self._steps(phase, e, steps, B, streams, train_set, gen, forward, autocast, loss_sum)
+            for k in range(steps):
+                batches = [Batch(*train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
+                if forward is not self.model:
+                    torch.compiler.cudagraph_mark_step_begin()
+                try:
+                    with autocast:
+                        loss = self.method.loss(forward, batches, phase, e, k)
+                except Exception as exc:  # a compiler failure must not cost the run: fall back once
+                    if forward is self.model or self._compile_verified:
+                        raise
+                    log.warning("torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
+                    self._compiled, forward = self.model, self.model
+                    with autocast:
+                        loss = self.method.loss(forward, batches, phase, e, k)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                self.method.after_step(phase)
+                self._compile_verified = True
+                loss_sum += loss.detach().float()
         self.method.end_epoch(phase)
         mean_loss = float(loss_sum) / steps  # one device→host sync per epoch
         elapsed = time.perf_counter() - start
@@ -237,35 +260,12 @@ class Trainer:
                 "images_per_s": steps * B * len(streams) / elapsed, "epoch_time_s": elapsed,
                 **self.method.epoch_metrics(phase, e)}
 
-    def _steps(self, phase, e, steps, B, streams, train_set, gen, forward, autocast, loss_sum):
-        for k in range(steps):
-            batches = [Batch(*train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
-            if forward is not self.model:
-                torch.compiler.cudagraph_mark_step_begin()
-            try:
-                with autocast:
-                    loss = self.method.loss(forward, batches, phase, e, k)
-            except Exception as exc:  # a compiler failure must not cost the run: fall back once
-                if forward is self.model or self._compile_verified:
-                    raise
-                log.warning("torch.compile failed (%s: %s); continuing eagerly", type(exc).__name__, exc)
-                self._compiled, forward = self.model, self.model
-                with autocast:
-                    loss = self.method.loss(forward, batches, phase, e, k)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            self.method.after_step(phase)
-            self._compile_verified = True
-            loss_sum += loss.detach().float()
-        return loss_sum
-
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: DeviceImages) -> torch.Tensor:
         self.model.eval()
         preds = []
-        bs = self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
+        bs = self._eval_batch
         name = "test" if images is self.test_set and images is not self.val_set else "val"
         views = self._views()
         for i in range(0, len(images), bs):

@@ -28,7 +28,7 @@ class DeviceImages:
         self.hflip = hflip
         # a pretrained backbone's input: resized here, one batch at a time (the stored images
         # stay at their size), a grey image repeated to the channels the backbone was trained on
-        self.size = None if size is None or tuple(size) == tuple(self.x.shape[2:]) else tuple(size)
+        self.size = tuple(size) if size is not None else None  # (None: the stored size)
         self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.channels = channels
         self.rrc = rrc  # (scale, ratio) of random-resized-crop training boxes, or None

@@ -76,19 +76,16 @@ class Plain(Part):
         images, normalised, as the classifier's weights (bias 0)."""
         if self.head.init != "class_mean":
             return
-        images = self.ctx.train
-        was = model.training
-        model.eval()
-        sums = torch.zeros(self.ctx.num_classes, model.classifier.weight.shape[1], device=self.ctx.device)
-        for start in range(0, len(images), 256):
-            idx = torch.arange(start, min(start + 256, len(images)), device=self.ctx.device)
-            x, y = images.batch(idx, augment=False)
-            sums.index_add_(0, y, model.embed(x).float())
-        counts = torch.bincount(images.y, minlength=self.ctx.num_classes).clamp_min(1)
+        from contextlib import nullcontext
+
+        from ltsearch.features import embed_all
+
+        f = embed_all(model, self.ctx.train, 256, nullcontext)
+        sums = torch.zeros(self.ctx.num_classes, f.x.shape[1], device=f.x.device).index_add_(0, f.y, f.x)
+        counts = torch.bincount(f.y, minlength=self.ctx.num_classes).clamp_min(1)
         model.classifier.weight.copy_(F.normalize(sums / counts[:, None], dim=1))
         if getattr(model.classifier, "bias", None) is not None:
             model.classifier.bias.zero_()
-        model.train(was)
 
     def samplers(self, first, epoch, total):
         return [first]
