@@ -161,7 +161,8 @@ class Trainer:
                 or not self.method.features_cacheable(phase)):
             return None
         d = self.cfg.to_dict()
-        key = ((repr(d["model"]), repr(d["data"]), repr(self._views()), str(self.device))
+        seed = None if self.cfg.model.weights else self.cfg.seed  # (a random body is the seed's)
+        key = ((repr(d["model"]), repr(d["data"]), seed, repr(self._views()), str(self.device))
                if index == 0 else (id(self), index))
         bs = self._eval_batch
 

@@ -113,3 +113,19 @@ def test_tta_averages_the_logits_of_each_view(weights, tta):
         got = trainer.predict(test)
         assert torch.equal(got, z.argmax(1)), (tta, cache)
         assert not torch.equal(got, plain.argmax(1))  # the views change some answers
+
+
+def test_a_random_bodys_features_are_its_seeds_own():
+    """Without weights the body is the seed's random one: another seed's trial computes anew."""
+    d = copy.deepcopy(DIGITS)
+    d["method"] = {"name": "ce", "finetune": "linear"}
+    frozen._KEPT.clear()
+    calls = []
+    for seed in (0, 0, 1):
+        cfg = config_from_dict({**d, "seed": seed})
+        trainer = Trainer(cfg, build_data(cfg.data), "cpu")
+        seen = []
+        trainer.model.body.register_forward_hook(lambda m, args, out: seen.append(1))
+        trainer.train_epoch()
+        calls.append(len(seen))
+    assert calls[0] > 0 and calls[1] == 0 and calls[2] == calls[0]  # the same seed reuses; another not
