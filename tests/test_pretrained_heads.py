@@ -113,7 +113,8 @@ def test_heads_and_parts_that_cannot_work_are_refused(clip):
         _cfg(clip, arch={"classifier": "cosine"}, stage2="tau_norm")
 
 
-@pytest.mark.parametrize("finetune", ["adaptformer", {"name": "vpt", "deep": True}, "bitfit", "lora"])
+@pytest.mark.parametrize("finetune", ["adaptformer", {"name": "vpt", "deep": True}, "bitfit", "lora",
+                                      {"name": "partial", "blocks": 1}])
 def test_vit_parts_act_on_an_open_clip_tower(clip, finetune):
     trainer = _trainer(_cfg(clip, finetune=finetune, train={"epochs": 1}))
     model = trainer.model

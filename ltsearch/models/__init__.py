@@ -203,9 +203,10 @@ def _load_error(e: Exception) -> str:
 
 
 def layer_groups(body: nn.Module) -> list[list[nn.Parameter]]:
-    """The body's parameters by depth, stem first: timm's group matcher for a timm model; for
-    ours, every residual block (a stage's element) a group after the stem's."""
-    if isinstance(body, TimmBody):
+    """The body's parameters by depth, stem first: a pretrained body's own (timm's group
+    matcher; an OpenCLIP tower's blocks); for ours, every residual block (a stage's element) a
+    group after the stem's."""
+    if hasattr(body, "layer_groups"):  # a pretrained body knows its own (timm's, OpenCLIP's)
         return body.layer_groups()
     groups: list[list[nn.Parameter]] = [[]]
     for child in body.children():
