@@ -95,13 +95,7 @@ def _preprocessed(arch: str, options: str) -> Preprocess:
 
 
 def _preprocess_of(body: nn.Module, model: ModelConfig) -> Preprocess:
-    if isinstance(body, TimmBody):
-        from ltsearch.models.timm_body import preprocess_of
-
-        return preprocess_of(body.net, model.options)
-    from ltsearch.models.open_clip_body import preprocess_of
-
-    return preprocess_of(body.visual)
+    return body.preprocess(model.options)
 
 
 def describe(model: ModelConfig) -> dict:

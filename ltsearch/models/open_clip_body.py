@@ -116,6 +116,9 @@ class OpenCLIPBody(nn.Module):
         """Drop the text tower (kept only for a text-initialised head)."""
         self.__dict__.pop("_clip", None)
 
+    def preprocess(self, options: dict) -> Preprocess:
+        return preprocess_of(self.visual)
+
     def vit(self) -> Optional[ViTView]:
         v = self.visual
         blocks = getattr(getattr(v, "transformer", None), "resblocks", None)

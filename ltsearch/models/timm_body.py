@@ -37,6 +37,9 @@ class TimmBody(nn.Module):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(features, pre_logits=True)
 
+    def preprocess(self, options: dict) -> Preprocess:
+        return preprocess_of(self.net, options)
+
     def vit(self) -> Optional[ViTView]:
         """A timm ViT's blocks (each with ``attn.qkv``, ``norm2`` and ``mlp``), else None."""
         net = self.net
