@@ -41,7 +41,11 @@ class DeviceFeatures:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, idx: torch.Tensor, gen=None, augment: bool = True, view=None):
+    def steps(self, order: torch.Tensor, batch_size: int):
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size], None
+
+    def batch(self, idx: torch.Tensor, gen=None, augment: bool = True, view=None, raw=None):
         return self.x[idx], self.y[idx]  # (a view's features are a set of their own)
 
 
@@ -52,9 +56,8 @@ def embed_all(model: nn.Module, images, batch_size: int, autocast, view=None) ->
     was = model.training
     model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(images)), device=images.y.device)
-        x, _ = images.batch(idx, augment=False, view=view)
+    for idx, raw in images.steps(torch.arange(len(images), device=images.y.device), batch_size):
+        x, _ = images.batch(idx, augment=False, view=view, raw=raw)
         with autocast():
             out.append(model.embed(x).float())
     model.train(was)

@@ -29,6 +29,7 @@ from ltsearch import features as frozen
 from ltsearch.config import Config, ConfigError
 from ltsearch.data import LongTailData
 from ltsearch.data.device import DeviceImages, channel_stats, tta_views
+from ltsearch.data.stream import images_on
 from ltsearch.data.samplers import ClassIndex
 from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
@@ -93,11 +94,11 @@ class Trainer:
         shape = dict(size=pre.size, interpolation=pre.interpolation, channels=pre.channels,
                      eval_crop_pct=aug.eval_crop_pct)
         rrc = (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None
-        self.train_set = DeviceImages(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
-                                      rrc=rrc, **shape)
-        self.val_set = DeviceImages(data.val, self.device, mean, std, **shape)
+        self.train_set = images_on(data.train, self.device, mean, std, aug.crop_pad, aug.hflip,
+                                   rrc=rrc, **shape)
+        self.val_set = images_on(data.val, self.device, mean, std, **shape)
         self.test_set = (self.val_set if data.val is data.test else
-                         DeviceImages(data.test, self.device, mean, std, **shape))
+                         images_on(data.test, self.device, mean, std, **shape))
 
         ctx = MethodContext(data.counts, self.train_set, ClassIndex(self.train_set.y, data.num_classes),
                             self.device, classes=list(data.classes))
@@ -233,8 +234,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
         with on:
-            for k in range(steps):
-                batches = [Batch(*train_set.batch(s[k * B:(k + 1) * B], gen)) for s in streams]
+            for k, step in enumerate(zip(*(train_set.steps(s, B) for s in streams))):
+                batches = [Batch(*train_set.batch(idx, gen, raw=raw)) for idx, raw in step]
                 if forward is not self.model:
                     torch.compiler.cudagraph_mark_step_begin()
                 try:
@@ -269,13 +270,13 @@ class Trainer:
         bs = self._eval_batch
         name = "test" if images is self.test_set and images is not self.val_set else "val"
         views = self._views()
-        for i in range(0, len(images), bs):
-            idx = torch.arange(i, min(i + bs, len(images)), device=self.device)
+        reader = self._on(f"{name}@0", images)[0]  # the images (each batch read once), or features
+        for idx, raw in reader.steps(torch.arange(len(images), device=self.device), bs):
             z = 0.0  # the views' mean logits (their sum: the same argmax)
             for v, view in enumerate(views):
                 source, on = self._on(f"{name}@{v}", images)
                 with on, self._autocast():
-                    x, _ = source.batch(idx, augment=False, view=view)
+                    x, _ = source.batch(idx, augment=False, view=view, raw=raw)
                     z = z + self.method.logits(self.model, x).float()
             preds.append(z.argmax(1))
         return torch.cat(preds)

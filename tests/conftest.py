@@ -229,3 +229,27 @@ def proc_stat(pid: int) -> list[str]:
 
 def _state(pid: int) -> str:
     return (proc_stat(pid) or ["Z"])[0]
+
+
+def write_list_dataset(folder: Path, per_class=(24, 12, 6, 4), test_per_class=4, seed=0) -> dict:
+    """PNG and JPEG images of mixed sizes and a ``path label`` split file per split: a list
+    source's ``data`` section (long-tailed as written: ``profile: none``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    lines = {"train": [], "test": []}
+    for split, counts in (("train", per_class), ("test", [test_per_class] * len(per_class))):
+        for c, n in enumerate(counts):
+            for i in range(n):
+                rel = f"{split}/c{c}/{i}.{'png' if i % 2 else 'jpg'}"
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                h, w = (int(v) for v in rng.integers(10, 25, 2))
+                base = np.full((h, w, 3), 40 * c, np.uint8)  # a class's colour, plus noise
+                image = np.clip(base + rng.integers(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / rel, quality=95)
+                lines[split].append(f"{rel} {c}")
+    for split, rows in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return {"source": "list", "root": str(folder), "train": "train.txt", "test": "test.txt",
+            "profile": "none", "val_per_class": 1, "image_size": 12}

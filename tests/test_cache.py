@@ -35,7 +35,7 @@ def _build(*a, **k):
     return build(*a, **k)
 cache._build = _build
 images = cache.open_cached(FileSet(paths, np.arange(len(paths)) % 3, 16), {folder!r}, progress=False)
-print(hashlib.sha256(np.ascontiguousarray(images.x).tobytes()).hexdigest(), flush=True)
+print(hashlib.sha256(np.ascontiguousarray(images.read()).tobytes()).hexdigest(), flush=True)
 """
 
 
@@ -72,7 +72,7 @@ def test_two_racing_processes_build_it_once_and_read_the_same_bytes(files, tmp_p
     want = _digest(decode_files(files.paths, files.y, 16).x)  # the images decoded in memory
     assert [out[-1] for out in outs] == [want, want]
     cached = open_cached(files, folder, progress=False)
-    assert isinstance(cached.x, np.memmap) and np.array_equal(cached.y, files.y)
+    assert isinstance(cached.array, np.memmap) and np.array_equal(cached.y, files.y)
 
 
 def test_an_interrupted_build_is_never_reused(files, tmp_path):
@@ -130,6 +130,7 @@ def test_build_data_decodes_once_into_the_cache_and_reads_it_after(tmp_path, mon
     again = build_data(cfg)  # a later run, search or resume on this node: read, not decoded
     for a, b, c in ((plain.train, first.train, again.train), (plain.test, first.test, again.test),
                     (plain.val, first.val, again.val)):
-        assert np.array_equal(a.x, b.x) and np.array_equal(b.x, c.x) and np.array_equal(a.y, c.y)
+        assert np.array_equal(a.x, b.read()) and np.array_equal(b.read(), c.read())
+        assert np.array_equal(a.y, c.y)
     with pytest.raises(Exception, match="data.cache_dir: caches image files"):
         config_from_dict({"data": {"source": "digits", "cache_dir": str(tmp_path)}})

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import Hold, free_port, fresh_store, tiny_search
+from conftest import Hold, free_port, fresh_store, tiny_search, write_list_dataset
 from procs import (BIN, _env, _mlflow_server_cmd, _mlflow_up, _resume_here, _search_cmd, _start, _stop,
                    _trials, _wait)
 
@@ -40,27 +40,33 @@ def _descends(pid: int, root: int) -> bool:
 @pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI not installed")
 def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
-    """Trials run on both nodes (each held after its first epoch until both are); the worker
-    node dies (SIGKILL to its raylet and workers); its trial continues from its last checkpoint
-    on the head node, and nothing recorded is lost. (The tracker lives in the driver: a sqlite
-    store here, the tracking server's own endings below.)"""
+    """A search on a list-file dataset decoded into a cache on each node's own disk
+    (``data.cache_dir: $NODE_DISK/…``, a variable each node sets): trials run on both nodes
+    (each held after its first epoch until both are), and every node — the driver's, the
+    head's, the worker's — decodes the same bytes into its own cache. The worker node dies
+    (SIGKILL to its raylet and workers); its trial continues from its last checkpoint on the
+    head node, and nothing recorded is lost. (The tracker lives in the driver: a sqlite store
+    here, the tracking server's own endings below.)"""
     ray_port = free_port()
     address = f"127.0.0.1:{ray_port}"
     hold = Hold(tmp_path / "hold")  # the nodes' workers inherit it from `ray start`
+    disks = {node: tmp_path / f"{node}-disk" for node in ("driver", "head", "worker")}
     procs = []
     try:
         procs.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
                              "--include-dashboard=false"],
-                            tmp_path / "head.log", env=hold.env(_env())))
+                            tmp_path / "head.log", env=hold.env(dict(_env(), NODE_DISK=str(disks["head"])))))
         _wait(lambda: _listens(ray_port), 120, "the head node")
         procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0"],
-                            tmp_path / "worker.log", env=hold.env(_env())))
+                            tmp_path / "worker.log", env=hold.env(dict(_env(), NODE_DISK=str(disks["worker"])))))
         # the driver need not wait for the worker node: the head's trial is held until the
         # second trial runs, which only the worker node can hold
 
         data = tiny_search(method={"ce": {}, "reweight": {"weights.scheme": {"choice": ["sqrt", "inverse"]}}})
+        data["base"]["data"] = {**write_list_dataset(tmp_path / "images"), "cache_dir": "$NODE_DISK/cache",
+                                "augment": {"crop_pad": 2, "hflip": True}}
         data["base"]["train"]["epochs"] = 2
         data["search"].update(num_samples=2, max_concurrent=2, asha={"enabled": False},
                               checkpoint_every=1, max_failures=2)
@@ -68,7 +74,8 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
         cmd, folder = _search_cmd(tmp_path, data, "c", uri)
         hold.at("0-1")
         hold.at("1-1")  # both trainers, after their first epoch (and its checkpoint)
-        driver = _start(cmd + ["--address", address], tmp_path / "driver.log")
+        driver = _start(cmd + ["--address", address], tmp_path / "driver.log",
+                        env=dict(_env(), NODE_DISK=str(disks["driver"])))
         procs.append(driver)
 
         def both_nodes_mid_trial():
@@ -90,6 +97,12 @@ def test_two_node_cluster_loses_its_worker_node_mid_search(tmp_path):
 
         trials = _trials(folder)
         assert len(trials) == 2 and all(r["status"] == "COMPLETED" for r in trials.values())
+        caches = {node: {p.parent.name: p.with_name("images.u8").read_bytes()
+                         for p in (disk / "cache").glob("*/meta.json")} for node, disk in disks.items()}
+        assert len(caches["driver"]) == 2  # the train and test splits' files, decoded there once…
+        assert caches["head"] == caches["driver"]  # …and on each node; the worker node died before
+        assert caches["worker"] and all(caches["driver"][k] == v for k, v in caches["worker"].items())
+        # its trial evaluated on test (a set is read, and its cache built, where first used)
         moved = [k for k, node in at_kill.items() if trials[k]["node_id"] != node]
         assert len(moved) == 1  # the worker node's trial finished on the head node…
         result = next((folder / "ray").glob(f"*{moved[0]}*/result.json")).read_text().splitlines()

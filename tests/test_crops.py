@@ -83,3 +83,22 @@ def test_a_trainer_with_random_resized_crops_trains_at_the_models_size_and_cache
     assert torch.equal(a, b)
     trainer.train_epoch()
     assert trainer._features is None  # augmented: features differ every epoch
+
+
+def test_a_uint8_batch_on_the_cpu_is_cropped_as_torchvisions_tensor_random_resized_crop():
+    """Image by image, torchvision's own resized_crop (antialiased bilinear) of each box, to the
+    bit; and where the box is enlarged, the float path's bilinear within the uint8 rounding."""
+    import torchvision.transforms.v2.functional as F2
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 40, 52), dtype=torch.uint8, generator=gen)
+    boxes = rrc_boxes(6, 40, 52, (0.08, 1.0), RATIO, gen, "cpu")
+    out = crop_resize(x, boxes, (24, 24))
+    assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=torch.channels_last)
+    for n, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+        want = F2.resized_crop(x[n], y1, x1, y2 - y1, x2 - x1, [24, 24], antialias=True)
+        assert torch.equal(out[n], want), n
+    small = torch.tensor([[4.0, 2.0, 16.0, 14.0]] * 6)  # 12 px → 24 px: enlarged
+    diff = (crop_resize(x, small, (24, 24)).float() - crop_resize(x.float(), small, (24, 24))).abs()
+    # (the border pixels differ: the crop is resized alone, roi_align reads the pixels beside it)
+    assert diff[:, :, 1:-1, 1:-1].max() <= 1.0 and diff[:, :, 0].max() > 1

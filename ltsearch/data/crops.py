@@ -1,14 +1,14 @@
 """Crops for real images, batched on the device: random-resized-crop boxes drawn per image as
 torchvision's ``RandomResizedCrop.get_params`` draws them (10 tries of an area fraction in
 ``scale`` and a log-uniform aspect ratio in ``ratio``, else the centre crop at the nearest allowed
-ratio), cut and resized in one ``torchvision.ops.roi_align`` call (bilinear, averaged over
-ceil(box / output) samples per pixel: smoothed when it shrinks, as an antialiased resize); and
-the evaluation's resize + centre crop (timm's ``crop_pct``), deterministic."""
+ratio), cut and resized (:func:`crop_resize`); and the evaluation's resize + centre crop
+(timm's ``crop_pct``), deterministic."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float],
@@ -44,12 +44,32 @@ def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float],
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Each image's box, resized to ``size``."""
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's box, resized to ``size``. A float batch, or any on a GPU: one
+    ``roi_align`` call (bilinear, averaged over ceil(box / output) samples per pixel, so
+    smoothed where it shrinks). A uint8 batch on the CPU: cut and resized image by image as
+    torchvision's tensor ``RandomResizedCrop`` does (``interpolate(antialias=True)``), uint8
+    out; its vectorised uint8 channels_last kernel took 12 ms for 128 crops to 224 px on this
+    project's 2-core machine, roi_align 114 ms. The two agree where a box is enlarged
+    (bilinear) and differ in how a shrunk box is smoothed and by the uint8 rounding.
+    ``flip``: a mask of the crops to mirror (as ``torch.where(flip, out.flip(3), out)``)."""
+    if x.dtype == torch.uint8 and x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+        out = torch.empty((len(x), x.shape[1], *size), dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last)
+        mirror = [False] * len(x) if flip is None else flip.tolist()
+        for n, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):  # (2 threads: no faster)
+            crop = F.interpolate(x[n:n + 1, :, y1:y2, x1:x2], size=size, mode="bilinear",
+                                 antialias=True, align_corners=False)[0]
+            out[n] = crop.flip(2) if mirror[n] else crop
+        return out
     from torchvision.ops import roi_align
 
+    x = x.float()
     index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
-    return roi_align(x, torch.cat([index, boxes.to(x.dtype)], dim=1), size, aligned=True)
+    out = roi_align(x, torch.cat([index, boxes.to(x.dtype)], dim=1), size, aligned=True)
+    return out if flip is None else torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
 
 
 def centre_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float, resize) -> torch.Tensor:

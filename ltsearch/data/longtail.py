@@ -11,13 +11,16 @@ what the class has left). Profile ``none`` keeps every image, for data that is l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import logging
 
 import numpy as np
 
 from ltsearch.data.sources import DataError, FileSet, ImageSet, Pools, load_pools
+
+if TYPE_CHECKING:
+    from ltsearch.data.cache import MappedSet
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,12 @@ def select_longtail(labels: np.ndarray, counts: list[int], val_per_class: int = 
 
 @dataclass
 class LongTailData:
-    """Everything a trial trains and evaluates on, as uint8 arrays (shared by the search)."""
+    """Everything a trial trains and evaluates on: uint8 arrays in memory, or rows of the node's
+    decoded cache (:class:`ltsearch.data.cache.MappedSet`, with ``data.cache_dir``)."""
     classes: list[str]
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
+    train: "ImageSet | MappedSet"
+    val: "ImageSet | MappedSet"
+    test: "ImageSet | MappedSet"
     counts: list[int]  # training images per class
 
     @property
@@ -70,7 +74,7 @@ class LongTailData:
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.x.shape[1])
+        return self.train.channels
 
     def summary(self) -> str:
         return (f"{len(self.classes)} classes, train {len(self.train)} (max {max(self.counts)}, "

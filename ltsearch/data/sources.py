@@ -32,6 +32,18 @@ class ImageSet:
     def __len__(self):
         return len(self.y)
 
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    def read(self, idx: Optional[np.ndarray] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The images at ``idx`` (all where None), as :meth:`MappedSet.read` gives a cache's."""
+        return self.x if idx is None else np.take(self.x, idx, axis=0, out=out)
+
     def take(self, idx: np.ndarray) -> "ImageSet":
         return ImageSet(self.x[idx], self.y[idx])
 
