@@ -1,4 +1,4 @@
-"""``ltsearch train | search | confirm | export | report``: one entry point; bad input exits 2 with one message."""
+"""``ltsearch train | predict | search | confirm | export | report``: one entry point; bad input exits 2 with one message."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,14 @@ def cmd_train(args) -> int:
     if args.time_limit is not None and not args.time_limit > 0:
         raise ConfigError("--time-limit", f"must be > 0 minutes, got {args.time_limit}")
     resolve_device(cfg.train.device)
+    tracking = None
+    if args.register is not None or args.tracking_uri:
+        from ltsearch.search.tracking import check_reachable, default_tracking_uri
+
+        if args.register is not None and not args.register.strip():
+            raise ConfigError("--register", "needs a model name")
+        tracking = args.tracking_uri or default_tracking_uri()
+        check_reachable(tracking)  # (before anything trains)
     check_model(cfg.model)  # the weights file is the architecture's, before the data loads
     backbone = identity(cfg.model)
     out = writable_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")
@@ -98,12 +106,43 @@ def cmd_train(args) -> int:
                "history": result.history}
     (out / "metrics.json").write_text(json.dumps(_jsonable(summary), indent=1))
     print(f"wrote {out / 'metrics.json'}")
+    if result.status != "diverged":
+        from ltsearch.inference import save_model
+
+        save_model(trainer, out / "model", result.metrics, result.status)
+        print(f"wrote {out / 'model'} (ltsearch predict {out / 'model'} IMAGES…)")
+        if tracking is not None:
+            _log_trained(out / "model", tracking, args, cfg, result)
     if result.status == "diverged":
         print(f"error: {result.error}", file=sys.stderr)
         return 1
     if result.status == "stopped":
         print(f"stopped by the time limit after {result.epochs} of {trainer.total_epochs} epochs")
     return 0
+
+
+def _log_trained(folder: Path, uri: str, args, cfg, result) -> None:
+    """The kept model as an MLflow model in a run with the config and test metrics; with
+    ``--register``, a new version of that registered model."""
+    from ltsearch.runconfig import config_origin
+    from ltsearch.search.records import flatten
+    from ltsearch.search.tracking import prepare_environment
+
+    prepare_environment()  # (before MLflow is imported: its log level is read then)
+    from ltsearch.search.registry import log_model
+
+    logged = log_model(folder, uri, args.experiment, register=args.register,
+                       run_name=Path(args.config).stem, params=flatten(cfg.to_dict()),
+                       metrics={k: v for k, v in result.metrics.items() if not isinstance(v, list)},
+                       origin=config_origin(args.config))
+    print(f"logged the model in MLflow ({uri}): run {logged['run_id']}"
+          + (f", registered as {args.register} version {logged['version']}" if args.register else ""))
+
+
+def cmd_predict(args) -> int:
+    from ltsearch.predict import main_predict
+
+    return main_predict(args)
 
 
 def cmd_search(args) -> int:
@@ -148,7 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--time-limit", type=float, help="minutes; stop after the epoch that passes it "
                    "and evaluate on test (status 'stopped')")
+    t.add_argument("--tracking-uri", help="log the kept model as an MLflow model in this store, "
+                   "with the config and test metrics (default with --register: sqlite:///mlflow.db)")
+    t.add_argument("--register", metavar="NAME", help="register it in MLflow's model registry as a "
+                   "new version of NAME (tagged with its search, trial and config hash)")
+    t.add_argument("--experiment", default="ltsearch-train", help="the MLflow experiment of the "
+                   "run (default ltsearch-train)")
     t.set_defaults(fn=cmd_train)
+
+    pr = sub.add_parser("predict", help="classify images with a model `train` kept (OUT/model)")
+    pr.add_argument("model_dir", help="a saved model's folder (OUT/model of `ltsearch train`)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders (walked) or split files "
+                    "(.txt: path [label] lines; .csv: path,label)")
+    pr.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
+    pr.add_argument("--out", help="write a CSV (path, class_1, p_1, …) instead of printing")
+    pr.add_argument("--root", help="what a split file's paths are relative to (default: its folder)")
+    pr.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU where there is one)")
+    pr.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("search", help="run a search described by a search-space file")
     s.add_argument("space", help="the search file (base config, search settings, space)")
@@ -175,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tracking-uri", help="where the search is tracked (default: as it was run)")
     c.add_argument("--no-tracking", action="store_true", help="record only in the search folder")
     c.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    c.add_argument("--register", metavar="NAME", help="keep the runs' models and register the "
+                   "confirmed best in MLflow's model registry as a new version of NAME")
     c.set_defaults(fn=cmd_confirm)
 
     e = sub.add_parser("export", help="export the top configs of a search")

@@ -47,6 +47,19 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(read_yaml(path))
 
 
+def config_origin(path: str | Path) -> dict:
+    """Where an exported config came from: its leading ``# ltsearch.<key>: value`` lines
+    (``ltsearch export`` and ``best_config.yaml`` write the search folder and trial)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(": ")
+        if key.startswith("ltsearch.") and value:
+            out[key] = value.strip()
+    return out
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 

@@ -26,35 +26,18 @@ import numpy as np
 import torch
 
 from ltsearch import features as frozen
-from ltsearch.config import Config, ConfigError
+from ltsearch.config import Config
 from ltsearch.data import LongTailData
 from ltsearch.data.device import DeviceImages, channel_stats, tta_views
 from ltsearch.data.stream import images_on
 from ltsearch.data.samplers import ClassIndex
+from ltsearch.inference import autocast, eval_batch_size, mean_logits, resolve_device
 from ltsearch.recipes import Batch, MethodContext, Phase, Recipe
 from ltsearch.metrics import classification_metrics
 from ltsearch.models import build_body, preprocess
 from ltsearch.optim import SGD
 
 log = logging.getLogger(__name__)
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``train.device`` names, checked on this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("train.device", f"not a device: {name!r} (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device", f"{name!r}, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError("train.device", f"{name!r}, but this machine has "
-                                              f"{torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise ConfigError("train.device", f"{name!r} is not supported (auto, cpu, cuda or cuda:N)")
-    return device
 
 
 def compile_forward(model: torch.nn.Module) -> Callable:
@@ -178,11 +161,10 @@ class Trainer:
 
     @property
     def _eval_batch(self) -> int:
-        return self.cfg.train.eval_batch_size or (1024 if self.cuda else 128)
+        return eval_batch_size(self.cfg.train, self.cuda)
 
     def _autocast(self):
-        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda and self.cfg.train.amp
-                else contextlib.nullcontext())
+        return autocast(self.cfg.train, self.cuda)
 
     def _views(self) -> list:
         return tta_views(self.cfg.train.tta, self.cfg.train.tta_expand)
@@ -264,22 +246,25 @@ class Trainer:
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: DeviceImages) -> torch.Tensor:
+    def logits(self, images: DeviceImages) -> torch.Tensor:
+        """(N, K) logits of the evaluation: the mean over its test-time views (what a saved
+        model, :mod:`ltsearch.inference`, gives too)."""
         self.model.eval()
-        preds = []
-        bs = self._eval_batch
         name = "test" if images is self.test_set and images is not self.val_set else "val"
         views = self._views()
         reader = self._on(f"{name}@0", images)[0]  # the images (each batch read once), or features
-        for idx, raw in reader.steps(torch.arange(len(images), device=self.device), bs):
-            z = 0.0  # the views' mean logits (their sum: the same argmax)
-            for v, view in enumerate(views):
-                source, on = self._on(f"{name}@{v}", images)
-                with on, self._autocast():
-                    x, _ = source.batch(idx, augment=False, view=view, raw=raw)
-                    z = z + self.method.logits(self.model, x).float()
-            preds.append(z.argmax(1))
-        return torch.cat(preds)
+
+        def view_logits(idx, raw, v):
+            source, on = self._on(f"{name}@{v}", images)
+            with on, self._autocast():
+                x, _ = source.batch(idx, augment=False, view=views[v], raw=raw)
+                return self.method.logits(self.model, x).float()
+
+        order = torch.arange(len(images), device=self.device)
+        return mean_logits(reader.steps(order, self._eval_batch), view_logits, len(views))
+
+    def predict(self, images: DeviceImages) -> torch.Tensor:
+        return self.logits(images).argmax(1)
 
     def evaluate(self, images: DeviceImages, prefix: str) -> dict:
         start = time.perf_counter()

@@ -9,7 +9,8 @@ and reused when given), then prints, side by side:
 * the cache's build: images decoded and resized to ``--size`` per second, all cores;
 * one training epoch's input, batches of 128 delivered on the device: random-resized-crop
   (scale 0.08–1, ratio 3/4–4/3) + flip + normalise to ``--size``, by ``ltsearch`` from the cache
-  (roi_align on the device) and by the DataLoader from the JPEGs (PIL per image);
+  (roi_align on a GPU; on the CPU antialiased resizes per image, each normalised as it is cut)
+  and by the DataLoader from the JPEGs (PIL per image);
 * this process's anonymous memory (RssAnon) after each, and the DataLoader workers' sum.
 
 The cache stores every image at ``--size`` square (a resize, not a crop), so its crops are taken
@@ -26,6 +27,8 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+
+import ltsearch  # noqa: F401  (first: it sets PyTorch's allocator to huge pages before torch loads)
 import torch
 
 CLASSES = 100

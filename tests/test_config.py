@@ -114,7 +114,7 @@ def test_cli_missing_data_folder(tmp_path, capsys):
     assert "data folder not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "search", "confirm", "export", "report"])
+@pytest.mark.parametrize("command", ["train", "predict", "search", "confirm", "export", "report"])
 def test_every_argument_of_every_command_says_what_it_is(command, capsys):
     """`ltsearch COMMAND --help` describes each argument: an entry is its names, then its help
     on the same line (two spaces or more after them) or indented on the next lines."""

@@ -2,6 +2,7 @@
 and resized in one batched call; the evaluation's centre crop deterministic."""
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
@@ -102,3 +103,23 @@ def test_a_uint8_batch_on_the_cpu_is_cropped_as_torchvisions_tensor_random_resiz
     diff = (crop_resize(x, small, (24, 24)).float() - crop_resize(x.float(), small, (24, 24))).abs()
     # (the border pixels differ: the crop is resized alone, roi_align reads the pixels beside it)
     assert diff[:, :, 1:-1, 1:-1].max() <= 1.0 and diff[:, :, 0].max() > 1
+
+
+def test_crops_normalised_as_they_are_made_equal_crops_then_normalised():
+    """``affine`` scales each crop as it is cut (the CPU's uint8 path) and the float path's
+    output: the same numbers, to the bit, as cropping first and then normalising the batch."""
+    from ltsearch.data.device import DeviceImages
+    from ltsearch.data.sources import ImageSet
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (5, 3, 30, 36), dtype=torch.uint8, generator=gen)
+    images = DeviceImages(ImageSet(x.numpy(), np.zeros(5, dtype=np.int64)), torch.device("cpu"),
+                          torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
+    boxes = rrc_boxes(5, 30, 36, (0.08, 1.0), RATIO, gen, "cpu")
+    flip = torch.tensor([True, False, True, True, False])
+    for source in (x, x.float()):  # uint8 (image by image) and float (roi_align)
+        fused = crop_resize(source, boxes, (20, 20), flip, images._affine())
+        after = images._normalized(crop_resize(source, boxes, (20, 20), flip))
+        assert fused.dtype == torch.float32 and fused.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fused, after)
+    assert fused.std() > 0.5  # normalised values, not 0–255

@@ -324,7 +324,7 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
     rewound = ended["PRUNED"] + ended["COMPLETED"][:1]
     _rewind_snapshot(copy, rewound, status, unreported)
     results = {p: p.read_text() for p in (copy / "ray").glob("*/result.json")}
-    best = (copy / "best_config.yaml").read_text()
+    best = yaml.safe_load((copy / "best_config.yaml").read_text())  # (its header names the folder)
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{copy / 'optuna.db'}")
     states = {t.number: t.state for t in study.trials}
     # a finished search resumes only to confirm (else Ray need not start): Tune restores the
@@ -341,7 +341,7 @@ def test_a_trial_stopped_just_before_the_driver_stays_stopped_on_resume(finished
                {f: before[k][f] for f in ("status", "epochs", "metrics")}, k
         assert f"started  {k[-8:]}" not in resumed.out
     assert {p: p.read_text() for p in (copy / "ray").glob("*/result.json")} == results
-    assert (copy / "best_config.yaml").read_text() == best
+    assert yaml.safe_load((copy / "best_config.yaml").read_text()) == best
     study = optuna.load_study(study_name="f", storage=f"sqlite:///{copy / 'optuna.db'}")
     assert {t.number: t.state for t in study.trials} == states
     confirmations = [r for r in after.values() if r.get("confirm_of")]

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import fresh_store, tiny_search
 from ltsearch.cli import main
+from ltsearch.runconfig import config_origin
 from ltsearch.search.run import run_search
 from ltsearch.search.space import parse_search_file
 
@@ -186,6 +187,9 @@ def test_export_and_train_reproduce_the_best_trial(search, tmp_path):
     assert configs and configs[0].name.startswith("top1_")
     assert (out / "trials.csv").read_text().count("\n") == 9
     best = outcome.records.ranked("val/balanced_acc", "max")[0]
+    assert config_origin(configs[0]) == {"ltsearch.search_dir": str(outcome.folder.resolve()),
+                                         "ltsearch.trial_id": best["trial_id"]}  # (its header)
+    assert config_origin(outcome.folder / "best_config.yaml")["ltsearch.trial_id"] == best["trial_id"]
     assert main(["train", str(configs[0]), "--out", str(tmp_path / "repro"), "--device", "cpu"]) == 0
     metrics = json.loads((tmp_path / "repro" / "metrics.json").read_text())["metrics"]
     assert metrics["val/balanced_acc"] == pytest.approx(best["metrics"]["val/balanced_acc"], abs=1e-9)

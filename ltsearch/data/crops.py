@@ -45,7 +45,8 @@ def rrc_boxes(n: int, height: int, width: int, scale: tuple[float, float],
 
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
-                flip: torch.Tensor | None = None) -> torch.Tensor:
+                flip: torch.Tensor | None = None,
+                affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each image's box, resized to ``size``. A float batch, or any on a GPU: one
     ``roi_align`` call (bilinear, averaged over ceil(box / output) samples per pixel, so
     smoothed where it shrinks). A uint8 batch on the CPU: cut and resized image by image as
@@ -53,23 +54,37 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
     out; its vectorised uint8 channels_last kernel took 12 ms for 128 crops to 224 px on this
     project's 2-core machine, roi_align 114 ms. The two agree where a box is enlarged
     (bilinear) and differ in how a shrunk box is smoothed and by the uint8 rounding.
-    ``flip``: a mask of the crops to mirror (as ``torch.where(flip, out.flip(3), out)``)."""
+    ``flip``: a mask of the crops to mirror (as ``torch.where(flip, out.flip(3), out)``).
+    ``affine``: per-channel (scale, shift), float ``scale · crop + shift`` out (the
+    normalisation), the same arithmetic as after the crops; on the CPU each crop is scaled
+    while it is still in the core's cache (65 + 38 ms per 128 crops to 224 px apart, 73 ms so)."""
     if x.dtype == torch.uint8 and x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
-        out = torch.empty((len(x), x.shape[1], *size), dtype=torch.uint8).contiguous(
-            memory_format=torch.channels_last)
+        C, (H, W) = x.shape[1], size
+        dtype = torch.uint8 if affine is None else torch.float32
+        out = torch.empty((len(x), C, H, W), dtype=dtype, memory_format=torch.channels_last)
+        rows = out.permute(0, 2, 3, 1).view(len(x), H, W * C)  # (images as plain HWC rows)
+        if affine is not None:  # the constants repeated along a row of W·C values
+            scale, shift = (a.reshape(C).repeat(W) for a in affine)
         mirror = [False] * len(x) if flip is None else flip.tolist()
         for n, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):  # (2 threads: no faster)
             crop = F.interpolate(x[n:n + 1, :, y1:y2, x1:x2], size=size, mode="bilinear",
                                  antialias=True, align_corners=False)[0]
-            out[n] = crop.flip(2) if mirror[n] else crop
+            crop = crop.flip(2) if mirror[n] else crop
+            rows[n].view(H, W, C).copy_(crop.permute(1, 2, 0))
+            if affine is not None:
+                torch.addcmul(shift, rows[n], scale, out=rows[n])
         return out
     from torchvision.ops import roi_align
 
     x = x.float()
     index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
     out = roi_align(x, torch.cat([index, boxes.to(x.dtype)], dim=1), size, aligned=True)
-    return out if flip is None else torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+    out = out if flip is None else torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+    if affine is not None:
+        scale, shift = (a.reshape(1, -1, 1, 1) for a in affine)
+        out = torch.addcmul(shift, out, scale, out=out).contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def centre_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float, resize) -> torch.Tensor:

@@ -69,8 +69,10 @@ class DeviceImages:
             boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], *self.rrc, gen, x.device)
         if augment and self.hflip:
             flip = torch.rand(len(x), device=x.device, generator=gen) < 0.5
-        if boxes is not None:  # (mirrored as it is cut)
-            x = crop_resize(x, boxes, size, flip)
+        normalized = False
+        if boxes is not None:  # (mirrored as it is cut, normalised as it is made where it can be)
+            normalized = self.channels is None or x.shape[1] == self.channels
+            x = crop_resize(x, boxes, size, flip, self._affine() if normalized else None)
         elif flip is not None:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         if self.channels is not None and x.shape[1] != self.channels:
@@ -86,7 +88,7 @@ class DeviceImages:
             x = centre_crop(x, size, self.eval_crop_pct, self._resized)
         elif boxes is None:
             x = self._resized(x, size)
-        return self._normalized(x), self.y[idx]
+        return (x if normalized else self._normalized(x)), self.y[idx]
 
     def _resized(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[2:]) == tuple(size):
@@ -94,12 +96,16 @@ class DeviceImages:
         smooth = {} if self.interpolation == "nearest" else {"align_corners": False}
         return torch.nn.functional.interpolate(x.float(), size=size, mode=self.interpolation, **smooth)
 
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) per channel, (1, C, 1, 1): 0–255 values to normalised ones."""
+        return 1.0 / (255.0 * self.std), -self.mean / self.std
+
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         """(x / 255 − mean) / std as one multiply-add from 0–255 values (uint8 or float), made
         channels_last. A channels_last uint8 batch is read as rows of W·C values, each scaled
         by the channels' constants repeated W times: the same arithmetic, vectorised along the
         row instead of over three channels (2–3× faster on the CPU)."""
-        scale, shift = 1.0 / (255.0 * self.std), -self.mean / self.std
+        scale, shift = self._affine()
         if x.dtype == torch.uint8 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
             B, C, H, W = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(B, H, W * C).float()

@@ -106,3 +106,14 @@ def load_list_pools(root: Path, train: Optional[str], test: Optional[str], val: 
     if names is None:  # indices alone: classes 0 … max
         names = [str(c) for c in range(int(max(s.y.max() for s in sets.values())) + 1)]
     return Pools(names, sets["train"], sets["test"], sets.get("val"))  # (decoded by build_data)
+
+
+def listed_paths(path: Path, root: Path) -> list[tuple[Path, Optional[str]]]:
+    """The images a split file lists, each with its label where the line has one (prediction
+    needs none); a file that is missing is left to whoever reads it."""
+    out = []
+    for n, fields in _rows(path):
+        if not 1 <= len(fields) <= 2:
+            raise DataError(f"{path}:{n}: expected a path and an optional label, got {len(fields)} columns")
+        out.append((root / fields[0], fields[1] if len(fields) == 2 else None))
+    return out

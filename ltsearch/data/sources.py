@@ -93,17 +93,40 @@ def load_digits_pools(test_per_class: int, seed: int = 0) -> Pools:
                  ImageSet(x[test_idx], y[test_idx]))
 
 
-def _decode(path: Path, size: Optional[int]) -> np.ndarray:
+def _decode(path: Path, size: "Optional[int | tuple[int, int]]", mode: str = "RGB") -> np.ndarray:
+    """One image file as uint8 (C, H, W): :func:`conform`, to ``mode`` and ``size``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            return conform(im, size, mode)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def conform(im, size: "Optional[int | tuple[int, int]]", mode: str = "RGB") -> np.ndarray:
+    """A PIL image as uint8 (C, H, W): ``mode`` RGB (3 channels) or L (grey, 1), resized
+    (bilinear) to ``size`` (a side, or (H, W)) where it differs."""
+    from PIL import Image
+
+    im = im.convert(mode)
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(im, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def stored_mode(shape: tuple) -> str:
+    """The PIL mode images of a set stored as (C, H, W) = ``shape`` are decoded in."""
+    return "L" if shape[0] == 1 else "RGB"
+
+
+def decode_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """A file as a set's stored images are, (C, H, W) = ``shape``: decoded as the image
+    sources decode theirs (grey where C is 1)."""
+    return _decode(path, tuple(shape[1:]), stored_mode(shape))
 
 
 @dataclass

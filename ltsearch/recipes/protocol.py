@@ -61,6 +61,7 @@ class MethodContext:
     device: torch.device
     generator: torch.Generator | None = None  # the trainer's, re-seeded every epoch
     classes: list[str] | None = None  # the class names (a head initialised from text reads them)
+    initialise: bool = True  # False: saved weights are loaded next; no init from text or data
 
     @property
     def num_classes(self) -> int:
@@ -144,6 +145,11 @@ class Part:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     metrics: ClassVar[tuple[str, ...]] = ()  # extra per-epoch values it reports
+
+    def inference(self) -> dict:
+        """What the part does to a trained model's predictions, for its saved description
+        (:mod:`ltsearch.inference`); the predictions themselves run the part's own code."""
+        return {}
 
 
 @dataclass

@@ -373,6 +373,16 @@ class Recipe(Method):
             z = adjust_logits(z.float(), self.log_priors, self.cfg.posthoc.logit_adjust)
         return z
 
+    def inference(self) -> dict:
+        """What turns the network's outputs into predictions, as :meth:`logits` applies it:
+        the second stage's and the architecture's (τ-norm's τ, LWS's scales, BBN's α), then
+        post-hoc adjustment's τ and the priors it subtracts."""
+        out = {**self.arch.inference(), **(self.stage2.inference() if self.stage2 else {})}
+        if self.cfg.posthoc is not None:
+            out["logit_adjust"] = {"tau": self.cfg.posthoc.logit_adjust,
+                                   "class_priors": self.log_priors.exp().cpu().tolist()}
+        return out
+
     def epoch_metrics(self, phase, epoch):
         return self.arch.epoch_metrics() if self._first(phase) else {}
 

@@ -7,10 +7,12 @@ search's time can be accounted for.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 from ray.tune import Callback
@@ -22,6 +24,8 @@ from ltsearch.search.records import (CONFIRM_OF, ONGOING, SEED, TrialRecords, er
 from ltsearch.search.ray_private import keep_results
 from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUES
 from ltsearch.search.tracker import Tracker
+
+log = logging.getLogger(__name__)
 
 TRAINER_METRICS = ("lr", "images_per_s", "epoch_time_s", RUNG, BUDGET)  # the parts declare theirs
 
@@ -128,6 +132,22 @@ class SearchCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, finished_status(trial.last_result))
+        self._keep_model(trial)
+
+    def _keep_model(self, trial) -> None:
+        """A trial's model, saved with its last report (``search.keep_models``), moved into
+        the search folder, or dropped where it is not among the k best."""
+        from ltsearch.search.kept import MODEL_SUBDIR, keep
+
+        checkpoint = trial.checkpoint
+        source = Path(checkpoint.path) / MODEL_SUBDIR if checkpoint is not None else None
+        if trial.trial_id in self.ended or source is None or not source.is_dir():
+            return
+        settings = self.space.settings
+        try:
+            keep(self.records, trial.trial_id, source, settings.keep_models, settings.metric, settings.mode)
+        except OSError as e:
+            log.warning("trial %s: its model was not kept (%s)", trial.trial_id, e)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED", error_text(trial))

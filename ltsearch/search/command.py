@@ -143,16 +143,34 @@ def main_confirm(args) -> int:
         print(f"--top {args.top}: the search has {ended} trial{'s' * (ended != 1)} that ran to "
               f"the end; confirming {'it' if ended == 1 else 'those'}", flush=True)
         args.top = ended
-    overrides = {"confirm": {"top": args.top, "seeds": args.seeds},
+    tracking_uri = args.tracking_uri or info.get("tracking_uri") or None
+    if args.register is not None:
+        from ltsearch.search.tracking import check_reachable, default_tracking_uri
+
+        if not args.register.strip():
+            raise ConfigError("--register", "needs a model name")
+        check_reachable(tracking_uri or default_tracking_uri())
+    overrides = {"confirm": {"top": args.top, "seeds": args.seeds, "register": args.register},
                  "tracking": "none" if args.no_tracking else info.get("tracking")}
     space = load_search_file(folder / "search.yaml", overrides)
     try:
         outcome = run_search(space, name=folder.name, storage=folder.parent, address=args.address,
-                             tracking_uri=args.tracking_uri or info.get("tracking_uri") or None,
-                             verbose=args.verbose, confirm_only=True, began=args.began)
+                             tracking_uri=tracking_uri, verbose=args.verbose, confirm_only=True,
+                             began=args.began)
     except SearchStopped as stop:
         return print_stopped(stop, folder.name, space,
-                      f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}")
+                      f"ltsearch confirm {args.search_dir} --top {args.top} --seeds {args.seeds}"
+                      + (f" --register {args.register}" if args.register else ""))
     print_summary(outcome, folder.name, space)
+    if args.register is not None:
+        from ltsearch.search.tracking import default_tracking_uri, prepare_environment
+
+        prepare_environment()
+        from ltsearch.search.registry import register_confirmed
+
+        uri = tracking_uri or default_tracking_uri()
+        done = register_confirmed(outcome.records, space.settings, uri, info.get("experiment") or "ltsearch",
+                                  args.register)
+        print(f"registered the confirmed best as {args.register} version {done['version']} in {uri}")
     sys.stdout.flush()
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import TRIALS_FILE, TrialRecords, write_config
+from ltsearch.search.records import TRIALS_FILE, TrialRecords, origin_of, write_config
 
 
 def export_search(search_dir: Path, top: int, out: Path, pareto: bool = False) -> list[Path]:
@@ -28,7 +28,7 @@ def export_search(search_dir: Path, top: int, out: Path, pareto: bool = False) -
     written = []
     for rank, (kind, r) in enumerate(chosen, start=1):
         path = out / f"{kind}{rank}_{r['method']}_{r['trial_id']}.yaml"
-        write_config(r["config"], path)
+        write_config(r["config"], path, origin_of(search_dir, r))
         written.append(path)
     records.write_csv(out / "trials.csv")
     return written

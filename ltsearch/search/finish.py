@@ -49,7 +49,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     open is in the outcome's ``unclosed``."""
     import optuna
 
-    from ltsearch.search.records import format_leaderboard, write_config
+    from ltsearch.search.records import format_leaderboard, origin_of, write_config
     from ltsearch.search.report import FIGURES
 
     settings = search.space.settings
@@ -98,11 +98,11 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
     board = format_leaderboard(rows, settings.metric, search.groups, confirmed)
     attempt(str(search.folder / "leaderboard.txt"), (search.folder / "leaderboard.txt").write_text, board + "\n")
     attempt(str(search.folder / "trials.csv"), records.write_csv, search.folder / "trials.csv")
-    best = records.best_config(settings.metric, settings.mode)
+    best = records.best(settings.metric, settings.mode)
     best_path = None
     if best is not None:
         best_path = search.folder / "best_config.yaml"
-        attempt(str(best_path), write_config, best, best_path)
+        attempt(str(best_path), write_config, best["config"], best_path, origin_of(search.folder, best))
     elif ending == "finished":
         log.warning("no trial ran to the end; best_config.yaml not written")
     artifacts = [search.folder / "search.yaml", search.folder / "leaderboard.txt",

@@ -16,6 +16,7 @@ from typing import Optional
 
 import yaml
 
+from ltsearch.dotted import flatten
 from ltsearch.metrics import SCALARS
 from ltsearch.search.folder import damaged, read_json
 from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
@@ -108,8 +109,12 @@ class TrialRecords:
 
     def best_config(self, metric: str, mode: str) -> Optional[dict]:
         """The config to train (``best_config.yaml``): the first of :meth:`selection`."""
+        best = self.best(metric, mode)
+        return best["config"] if best else None
+
+    def best(self, metric: str, mode: str) -> Optional[dict]:
         chosen = self.selection(metric, mode)
-        return chosen[0]["config"] if chosen else None
+        return chosen[0] if chosen else None
 
     def pareto(self, objectives: list[str], mode: str) -> list[dict]:
         """The search's trials that ran to the end and that no other such trial beats on every
@@ -167,18 +172,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 0.1}} → {"train.lr": 0.1}: MLflow params and CSV columns."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def format_leaderboard(rows: list[dict], metric: str, groups: str = "",
                        confirmed: Optional[list[dict]] = None) -> str:
     """The table, then ``groups``: which many/medium/few split its columns use. With
@@ -205,8 +198,19 @@ def format_leaderboard(rows: list[dict], metric: str, groups: str = "",
     return "\n".join(lines + ([groups] if groups else []))
 
 
-def write_config(config: dict, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+TAG_SEARCH = "ltsearch.search_dir"  # (MLflow tags, and an exported config's origin lines)
+TAG_TRIAL = "ltsearch.trial_id"
+
+
+def write_config(config: dict, path: Path, origin: Optional[dict] = None) -> None:
+    """``config`` as YAML, headed by ``# key: value`` comments of where it came from (the
+    search and trial: :func:`ltsearch.runconfig.config_origin` reads them back)."""
+    header = "".join(f"# {k}: {v}\n" for k, v in (origin or {}).items() if v is not None)
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+
+
+def origin_of(folder: Path, record: dict) -> dict:
+    return {TAG_SEARCH: str(Path(folder).resolve()), TAG_TRIAL: record.get("trial_id")}
 
 
 def error_text(trial) -> Optional[str]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from ltsearch.config import ConfigError, from_dict, read_yaml, spec
+from ltsearch.dotted import nested
 from ltsearch.metrics import SCALARS
 from ltsearch.recipes import PRESETS
 from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES, check_counts
@@ -139,6 +140,9 @@ class ConfirmSettings:
     top: int = spec(0, ge=0, doc="after the search, re-train the K best configs to their full "
                                  "budget with fresh seeds (0: no confirmation)")
     seeds: int = spec(3, ge=1, doc="fresh seeds per confirmed config")
+    register: Optional[str] = spec(None, doc="keep the runs' models and register the best "
+                                             "confirmed one in MLflow under this name "
+                                             "(`ltsearch confirm --register NAME`)")
 
     def said(self) -> str:
         """What confirmation re-trains, in words."""
@@ -171,6 +175,8 @@ class SearchSettings:
     tracking: Literal["mlflow", "none"] = spec("mlflow", doc="where runs are recorded besides "
                                                            "the search folder (none: nowhere)")
     cover_methods: bool = spec(True, doc="the first trials try each method once, then TPE")
+    keep_models: int = spec(0, ge=0, doc="keep the models of the k best trials that run to the "
+                                         "end, in models/<trial> (0: trials save no weights)")
     confirm: ConfirmSettings = field(default_factory=ConfirmSettings)
     report: bool = spec(True, doc="write report.html when the search ends (`ltsearch report` "
                                   "writes it at any time)")
@@ -271,14 +277,7 @@ def _active(dist: Dist, values: dict) -> bool:
 
 def method_dict(preset: str, values: dict) -> dict:
     """{"loss.name": "focal", "loss.gamma": 2} → {"name": preset, "loss": {"name": "focal", …}}."""
-    out: dict = {"name": preset}
-    for dotted, value in values.items():
-        node = out
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    return {"name": preset, **nested(values)}
 
 
 def _assignment_for(dists: dict[str, Dist], fixed: dict) -> Optional[dict]:

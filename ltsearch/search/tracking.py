@@ -18,13 +18,11 @@ from typing import Optional
 import yaml
 
 from ltsearch.config import ConfigError
-from ltsearch.search.records import flatten
+from ltsearch.search.records import TAG_SEARCH, TAG_TRIAL, flatten
 from ltsearch.search.tracker import Tracker, TrackingError
 
 log = logging.getLogger(__name__)
 
-TAG_SEARCH = "ltsearch.search_dir"
-TAG_TRIAL = "ltsearch.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
 
 
@@ -32,6 +30,7 @@ def prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per run
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its schema migrations
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # (bars of 3 small files)
     if os.environ.pop("MLFLOW_EXPERIMENT_ID", None) is not None:
         log.warning("ignoring MLFLOW_EXPERIMENT_ID from the environment: ltsearch selects the "
                     "experiment by name (search.experiment)")

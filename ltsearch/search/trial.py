@@ -25,10 +25,13 @@ from ray import tune
 from ltsearch.runconfig import compressed, config_from_dict, run_epochs
 from ltsearch.search.records import CONFIRM_OF
 from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUE, RUNG_VALUES
+from ltsearch.inference import save_model
+from ltsearch.search.kept import MODEL_SUBDIR
 from ltsearch.trainer import Trainer
 
 CHECKPOINT_FILE = "trainer.pt"
 RUNG_FILE = "rung.json"  # beside it: the rung the trainer's state belongs to, and earlier rungs' values
+ENDED = "ended"  # in RUNG_FILE: the checkpoint of the trial's last report
 
 
 def trial_device() -> str:
@@ -93,11 +96,14 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = json.loads((Path(folder) / RUNG_FILE).read_text())
+            if saved.get(ENDED):  # its last report, with its model, was taken: nothing is left
+                return
             rung, values = saved[RUNG], saved[RUNG_VALUES]
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         if state["epoch"] >= budgets[rung]:  # saved at the end of its rung: on to the next
             rung, state = rung + 1, None
     policy = CheckpointPolicy(settings.checkpoint_every, settings.checkpoint_interval_s)
+    keeps = settings.keep_models > 0 if CONFIRM_OF not in config else bool(settings.confirm.register)
     node = ray.get_runtime_context().get_node_id()
     spent = {"time/setup_s": time.perf_counter() - began, "time/eval_s": 0.0, "time/report_s": 0.0}
     metric = settings.metric
@@ -119,10 +125,16 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
                        "epoch": epoch, "total_epochs": sum(budgets), "rung_epoch": tr.epoch,
                        RUNG: k, BUDGET: budgets[k], BUDGETS: budgets, RUNG_VALUES: list(values),
                        **({RUNG_VALUE: values[-1]} if tr.epoch == tr.total_epochs else {})}
-            if policy.due(epoch, sum(budgets)):
+            due = policy.due(epoch, sum(budgets))
+            model = keeps and k == len(runs) - 1 and tr.epoch == tr.total_epochs
+            if due or model:
                 with tempfile.TemporaryDirectory() as folder:
-                    tr.save(Path(folder) / CHECKPOINT_FILE)
-                    (Path(folder) / RUNG_FILE).write_text(json.dumps({RUNG: k, RUNG_VALUES: values}))
+                    if due:
+                        tr.save(Path(folder) / CHECKPOINT_FILE)
+                    if model:  # (a search's driver keeps it or not: ltsearch.search.kept)
+                        save_model(tr, Path(folder) / MODEL_SUBDIR, metrics)
+                    (Path(folder) / RUNG_FILE).write_text(json.dumps(
+                        {RUNG: k, RUNG_VALUES: values, **({ENDED: True} if model else {})}))
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
                 policy.saved()
             else:

@@ -48,6 +48,9 @@ def adaptor(schedule: str, epoch: int, total: int, switch_epoch: int = 0) -> flo
     raise ValueError(f"schedule {schedule!r} has no closed form")
 
 
+INFERENCE_ALPHA = 0.5  # both branches see the image, weighted equally (the official test mode)
+
+
 class BBNNet(nn.Module):
     def __init__(self, body: nn.Sequential, second_body: nn.Sequential, feat_dim: int,
                  num_classes: int):
@@ -69,7 +72,7 @@ class BBNNet(nn.Module):
     def forward(self, x, x_r=None, alpha=None):
         if x_r is None:  # inference: one trunk pass feeds both branches, α = 0.5
             t = self.trunk(x)
-            return self.mix(self._pool(self.branch_c(t)), self._pool(self.branch_r(t)), 0.5)
+            return self.mix(self._pool(self.branch_c(t)), self._pool(self.branch_r(t)), INFERENCE_ALPHA)
         return self.mix(*self.branch_features(x, x_r), alpha)
 
 
@@ -118,6 +121,9 @@ class Bilateral(Part):
         conv, rebal = batches
         alpha = self.alphas[step]
         return model(conv.x, rebal.x, alpha), [(conv.y, alpha), (rebal.y, 1 - alpha)]
+
+    def inference(self):
+        return {"bbn_alpha": INFERENCE_ALPHA}
 
     def epoch_metrics(self):
         return {"alpha": self.alpha_mean}

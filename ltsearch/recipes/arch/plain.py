@@ -61,7 +61,7 @@ class Plain(Part):
         body, feat_dim = build_body()
         h = self.head
         model = ImageClassifier(body, feat_dim, self.ctx.num_classes, h.name, scale=h.scale)
-        if h.init == "text":
+        if h.init == "text" and self.ctx.initialise:
             with torch.no_grad():
                 model.classifier.weight.copy_(body.text_features(self.ctx.classes, h.template))
                 if getattr(model.classifier, "bias", None) is not None:

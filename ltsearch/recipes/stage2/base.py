@@ -118,6 +118,9 @@ class ClassifierStage(Stage2):
         b = batches[0]
         return objective(self.loss_fn, self.logits(model, b.x), [(b.y, 1.0)], self.weights)
 
+    def inference(self):
+        return {} if self.scales is None else {"logit_scales": self.scales.detach().cpu().tolist()}
+
     def logits(self, model, x):
         z = model(x)
         return z if self.scales is None else scaled_logits(z, self.scales)

@@ -26,6 +26,9 @@ class TauNorm(Stage2):
     Params = TauNormParams
     needs_linear_classifier = True
 
+    def inference(self):
+        return {"tau_norm": {"tau": self.params.tau}}
+
     def logits(self, model, x):
         w = tau_normalised(model.classifier.weight, self.params.tau)
         return model.embed(x) @ w.T
