@@ -4,6 +4,8 @@
    and the same eagerly (``train.compile: false``) for the compile speed-up ratio.
 2. CIFAR-10-LT IF=100 with the presets CE, LDAM-DRW, balanced softmax, mixup-DRW and BBN at once
    (the GPU is far from full with ResNet-32 at batch 128), as many epochs as the budget allows.
+3. The models step 2 kept (``OUT/<preset>/model``) loaded back on the GPU: their test top-1
+   against the one each run reported (the saved model's round trip under CUDA and bf16).
 Everything lands in ``--out``; a summary is printed at the end.
 
     python scripts/device_check.py --archive .devdata/cifar10-jpeg.tar.gz --out $OUT --budget 420
@@ -114,6 +116,20 @@ def main():
             **{k: met.get(k) for k in ("test/top1", "test/many", "test/medium", "test/few")},
         }
         print(name, summary[name], flush=True)
+    # 3. the kept models, loaded back on the device: the test top-1 each run reported
+    from ltsearch.data import build_data
+    from ltsearch.inference import TrainedModel
+
+    for name in presets:
+        folder = out / name / "model"
+        if not folder.is_dir():
+            continue
+        model = TrainedModel(folder)
+        test = build_data(model.cfg.data).test
+        top1 = float((model.logits(test.x).argmax(1).cpu().numpy() == test.y).mean())
+        summary[name]["reloaded_test/top1"] = top1
+        print(f"{name}: reloaded on {model.device}: test top1 {top1:.4f} "
+              f"(reported {summary[name]['test/top1']})", flush=True)
     summary["wall_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

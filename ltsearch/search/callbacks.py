@@ -140,10 +140,17 @@ class SearchCallback(Callback):
         from ltsearch.search.kept import MODEL_SUBDIR, keep
 
         checkpoint = trial.checkpoint
-        source = Path(checkpoint.path) / MODEL_SUBDIR if checkpoint is not None else None
-        if trial.trial_id in self.ended or source is None or not source.is_dir():
+        if trial.trial_id in self.ended or checkpoint is None:
             return
+        source = Path(checkpoint.path) / MODEL_SUBDIR
         settings = self.space.settings
+        if not Path(checkpoint.path).is_dir():  # written on another node's disk
+            if settings.keep_models:
+                log.warning("trial %s: its model is in %s on the node it ran on, not kept here "
+                            "(a search folder all nodes share keeps them)", trial.trial_id, checkpoint.path)
+            return
+        if not source.is_dir():
+            return
         try:
             keep(self.records, trial.trial_id, source, settings.keep_models, settings.metric, settings.mode)
         except OSError as e:
