@@ -65,12 +65,9 @@ def cmd_train(args) -> int:
     resolve_device(cfg.train.device)
     tracking = None
     if args.register is not None or args.tracking_uri:
-        from ltsearch.search.tracking import check_reachable, default_tracking_uri
+        from ltsearch.search.tracking import registry_store
 
-        if args.register is not None and not args.register.strip():
-            raise ConfigError("--register", "needs a model name")
-        tracking = args.tracking_uri or default_tracking_uri()
-        check_reachable(tracking)  # (before anything trains)
+        tracking = registry_store(args.register, args.tracking_uri)
     check_model(cfg.model)  # the weights file is the architecture's, before the data loads
     backbone = identity(cfg.model)
     out = writable_folder(Path(args.out) if args.out else Path("runs") / Path(args.config).stem, "--out")

@@ -145,11 +145,9 @@ def main_confirm(args) -> int:
         args.top = ended
     tracking_uri = args.tracking_uri or info.get("tracking_uri") or None
     if args.register is not None:
-        from ltsearch.search.tracking import check_reachable, default_tracking_uri
+        from ltsearch.search.tracking import registry_store
 
-        if not args.register.strip():
-            raise ConfigError("--register", "needs a model name")
-        check_reachable(tracking_uri or default_tracking_uri())
+        registry_store(args.register, tracking_uri)
     overrides = {"confirm": {"top": args.top, "seeds": args.seeds, "register": args.register},
                  "tracking": "none" if args.no_tracking else info.get("tracking")}
     space = load_search_file(folder / "search.yaml", overrides)

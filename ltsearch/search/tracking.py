@@ -70,6 +70,16 @@ def check_reachable(uri: str) -> None:
                                                    if server else ""))
 
 
+def registry_store(name: Optional[str], uri: Optional[str]) -> str:
+    """The store a kept model is logged (and, with ``name``, registered) in: ``uri`` or the
+    default, checked before anything trains."""
+    if name is not None and not name.strip():
+        raise ConfigError("--register", "needs a model name")
+    uri = uri or default_tracking_uri()
+    check_reachable(uri)
+    return uri
+
+
 class RetryNotice(logging.Filter):
     """MLflow's HTTP client retries a server that stopped answering for minutes, and urllib3
     logs each retry as a long warning. The user gets one line per outage instead: the first
