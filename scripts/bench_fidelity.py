@@ -2,19 +2,26 @@
 runs, replayed on what full training says.
 
     python scripts/bench_fidelity.py BASE.yaml --seeds K [--recipe 'NAME={method mapping}' …]
-           [--slots 2] [--save runs.json | --load runs.json]
+           [--rungs 0.25,1.0] [--rf 3] [--no-wait] [--slots 2] [--measure 0.125,0.25,1.0]
+           [--save runs.json | --load runs.json]
 
-BASE.yaml is an ``ltsearch train`` config (or a search file: its ``base``). Every preset (and
-each ``--recipe``) is trained to the end with seeds 0…K-1, without Ray, recording its validation
-value at every epoch; and trained again as each rung of the new scheduler trains it (the whole
-recipe compressed to each fraction of ``--rungs``). Then, for each seed, both schedulers are
-replayed on those runs as a search would meet them: ``--slots`` trials at a time in the order the
-search starts them (old: the file's order; new: shuffled by the search seed), each epoch taking
-the time it took. Old ASHA is Ray Tune's ``ASHAScheduler`` (truncated runs: ``--asha-grace``
-epochs, ``--asha-rf``); the new one is the search's ``RungScheduler``. Printed side by side:
-Spearman ρ between each decision value and the final value, how often the full-training top-1
-and top-3 reach their end, whether the recipe that ends best was cut before its deferred phase,
-and the epochs trained as a share of training every recipe to its end.
+BASE.yaml is an ``ltsearch train`` config (or a search file: its ``base``). Every preset (the
+fine-tuning ones only with ``model.weights``) and each ``--recipe`` is trained to the end with
+seeds 0…K-1, without Ray, recording its validation value at every epoch; and trained again
+compressed to each fraction of ``--measure`` (default ``--rungs``). ``--save`` writes the runs as
+they are measured and trains none it already holds (an interrupted measurement, or more seeds,
+goes on from it); ``--load`` replays saved runs with any ``--rungs`` among those measured.
+
+For each seed, both schedulers are replayed on those runs as a search would meet them: ``--slots``
+trials at a time in the order the search starts them (old: the file's order; new: shuffled by
+the search seed), each epoch taking the time it took. Old ASHA is Ray Tune's ``ASHAScheduler``
+(truncated runs: ``--asha-grace`` epochs, ``--asha-rf``); the new one is the search's rule
+(:class:`ltsearch.search.rungs.Rungs`, with its waiting unless ``--no-wait``). Printed side by
+side: Spearman ρ between each decision value and the final value, how often the full-training
+top-1 and top-3 reach their end, whether the recipe that ends best was cut (before its deferred
+phase?), and the epochs trained as a share of training every recipe to its end — judged against
+each seed's own final values, and against their mean over the K seeds (one run's noise averaged
+out; with K ≥ 2 the script also prints how well one seed's full training ranks another's).
 
 A benchmark, not a test: numbers mean something only on the data and machine that printed them.
 """
@@ -72,56 +79,105 @@ def deferred_epoch(cfg) -> int | None:
 
 
 def measure(base: dict, recipes: dict[str, dict], seeds: int, fractions: list[float],
-            metric: str, reuse: dict | None = None) -> dict:
+            metric: str, reuse: dict | None = None, save: str | None = None,
+            done: dict | None = None) -> dict:
+    """Each recipe and seed: its full run and one run compressed to each fraction below 1
+    (``fractions`` may hold more than one scheduler uses: the replays pick theirs). ``done``:
+    runs measured before (an interrupted ``--save``, or one with fewer seeds), not trained again."""
     from ltsearch.data import build_data
     from ltsearch.runconfig import compressed, config_from_dict
 
     data = build_data(config_from_dict(base).data)
     print(f"data: {data.summary()}", file=sys.stderr)
+    short = [f for f in fractions if f < 1.0]
     runs: dict = {}
     for name, method in recipes.items():
         for seed in range(seeds):
+            if done and len(done.get(name, [])) > seed and done[name][seed]["fractions"] == short:
+                runs.setdefault(name, []).append(done[name][seed])
+                continue
             cfg = config_from_dict({**base, "seed": seed, "method": method})
             began = time.perf_counter()
-            entry = {"full": reuse[name][seed]["full"] if reuse else train(cfg, data, metric)}
-            entry["rungs"] = [train(compressed(cfg, f), data, metric) for f in fractions[:-1]]
-            entry["rungs"].append(entry["full"])
+            entry = {"full": reuse[name][seed]["full"] if reuse else train(cfg, data, metric),
+                     "fractions": short}
+            entry["short"] = [train(compressed(cfg, f), data, metric) for f in short]
             runs.setdefault(name, []).append(entry)
             full = entry["full"]["curve"]
-            print(f"  {name:<18} seed {seed}: {len(full)} epochs, end {full[-1]:.3f}; rungs "
-                  f"{' '.join(format(r['curve'][-1], '.3f') for r in entry['rungs'])} "
-                  f"({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+            ends = " ".join(f"{f:g}: {r['curve'][-1]:.3f}" for f, r in zip(short, entry["short"]))
+            print(f"  {name:<18} seed {seed}: {len(full)} epochs, end {full[-1]:.3f}; compressed "
+                  f"{ends} ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+            if save:  # as it goes: an interrupted measurement keeps what it trained
+                Path(save).write_text(json.dumps({**(done or {}), **runs}))
     return runs
+
+
+def rung_runs(entry: dict, fractions: list[float]) -> list[dict]:
+    """The runs a scheduler with rungs ``fractions`` trains: the measured compressed ones, then
+    the full run. An older save (``rungs``: its compressed runs and the full) reads as well."""
+    if "short" not in entry:
+        entry = {**entry, "fractions": [], "short": entry["rungs"][:-1]}
+    out = []
+    for f in fractions[:-1]:
+        match = [r for g, r in zip(entry["fractions"], entry["short"]) if abs(g - f) < 1e-9]
+        if not match:
+            sys.exit(f"no run compressed to {f:g} was measured (measured: "
+                     f"{', '.join(map(format, entry['fractions'], ['g'] * len(entry['fractions'])))})")
+        out.append(match[0])
+    return out + [entry["full"]]
 
 
 # --------------------------------------------------------------------------------------------
 # Replays
 
-def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide, slots: int) -> dict:
+def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide, slots: int,
+           waited=None) -> dict:
     """A search's timeline: ``slots`` trials at a time, started in ``order``; each trial is a list
-    of (seconds, report); ``decide(name, report)`` is False to stop it. Returns the epochs each
-    trial trained and whether it reached its end."""
+    of (seconds, report); ``decide(name, i)`` says GO, STOP or WAIT about its i-th report (WAIT:
+    paused, its slot to the next trial; it resumes at its next rung, or at this one's start if
+    this report began it). ``waited(name)`` says a waiting trial's turn: GO, STOP or None (wait
+    on); waiting trials that rank in go before new ones, as the search's scheduler picks them.
+    Returns the epochs each trial trained and whether it reached its end."""
+    from ltsearch.search.rungs import GO, STOP, WAIT
+
     waiting = list(order)
     running: list = []  # (time its next epoch ends, name, index of that epoch)
+    held: dict[str, int] = {}  # a waiting trial → the index of the epoch it resumes at
     clock, trained, ended = 0.0, {n: 0 for n in order}, {}
 
-    def start(now):
-        while waiting and len(running) < slots:
-            name = waiting.pop(0)
-            heapq.heappush(running, (now + steps[name][0][0], name, 0))
+    def push(now, name, i):
+        heapq.heappush(running, (now + steps[name][i][0], name, i))
 
-    start(0.0)
+    def turns():
+        for name in list(held):
+            turn = waited(name)
+            if turn == STOP:
+                del held[name]
+                ended[name] = False
+            elif turn == GO and len(running) < slots:
+                push(clock, name, held.pop(name))
+
+    def start():
+        while len(running) < slots and waiting:
+            push(clock, waiting.pop(0), 0)
+        turns()
+
+    start()
     while running:
         clock, name, i = heapq.heappop(running)
         trained[name] += 1
-        keep = decide(name, steps[name][i][1])  # Tune's ASHA says STOP at max_t: the end
+        verdict = decide(name, i)  # Tune's ASHA says STOP at max_t: the end
         if i + 1 == len(steps[name]):
             ended[name] = True
-        elif not keep:
+        elif verdict == STOP:
             ended[name] = False
+        elif verdict == WAIT:
+            held[name] = i + 1 if steps[name][i][1].get("ends_rung") else i
         else:
-            heapq.heappush(running, (clock + steps[name][i + 1][0], name, i + 1))
-        start(clock)
+            push(clock, name, i + 1)
+        turns()  # (a value that settles a rung decides the waiting trials)
+        start()
+    for name in held:  # (none: the last rung value settles every rung)
+        ended[name] = False
     return {"trained": trained, "ended": ended}
 
 
@@ -137,37 +193,66 @@ def replay_asha(runs: dict, seed: int, order: list[str], slots: int, grace: int,
     steps = {n: [(s, {"epoch": e + 1, "value": v}) for e, (s, v) in
                  enumerate(zip(runs[n][seed]["full"]["seconds"], runs[n][seed]["full"]["curve"]))]
              for n in order}
-    return replay(order, steps, lambda n, r: asha.on_trial_result(None, trials[n], r) != "STOP", slots)
+    return replay(order, steps, lambda n, i: "stop" if asha.on_trial_result(
+        None, trials[n], steps[n][i][1]) == "STOP" else "go", slots)
 
 
-def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float) -> dict:
-    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
-    from ltsearch.search.scheduler import RungScheduler
+def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
+                 fractions: list[float], wait: bool = True) -> dict:
+    """The search's rungs (:class:`ltsearch.search.rungs.Rungs`, as its scheduler uses them) on
+    one seed's runs; ``wait``: a trial ranked out before its rung is settled waits (else it
+    stops at once, as the search did before 2026-12-03)."""
+    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES, Rungs
 
-    scheduler = RungScheduler(rf, "max")
+    rungs = Rungs(rf, "max")
     steps = {}
     for n in order:
-        rungs = runs[n][seed]["rungs"]
-        budgets = [len(r["curve"]) for r in rungs]
+        runs_of = rung_runs(runs[n][seed], fractions)
+        budgets = [len(r["curve"]) for r in runs_of]
         steps[n], values = [], []
-        for r in rungs:
+        for r in runs_of:
             for e, s in enumerate(r["seconds"]):
                 if e + 1 == len(r["curve"]):
                     values = values + [r["curve"][-1]]
-                steps[n].append((s, {RUNG_VALUES: values, BUDGETS: budgets}))
-    trials = {n: SimpleNamespace(trial_id=n) for n in order}
-    return replay(order, steps, lambda n, r: scheduler.on_trial_result(None, trials[n], r) != "STOP",
-                  slots)
+                steps[n].append((s, {RUNG_VALUES: values, BUDGETS: budgets, "first": e == 0,
+                                     "ends_rung": e + 1 == len(r["curve"])}))
+    total = len(fractions)
+    out = {n: False for n in order}  # ended for good before its last rung
+
+    def settled(k):  # every trial has ended rung k or ended for good
+        return not wait or all(rungs.ended(n, k) or out[n] for n in order)
+
+    def decide(n, i):
+        report = steps[n][i][1]
+        verdict = rungs.verdict(n, report[RUNG_VALUES], total, report["ends_rung"] or report["first"],
+                                settled)
+        out[n] = out[n] or (verdict == "stop" and i + 1 < len(steps[n]))
+        return verdict
+
+    def waited(n):
+        turn = rungs.waited(n, total, settled)
+        out[n] = out[n] or turn == "stop"
+        return turn
+
+    return replay(order, steps, decide, slots, waited)
 
 
 # --------------------------------------------------------------------------------------------
 # What they decided, against full training
 
-def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]) -> dict:
+def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict],
+          truth: str = "seed", first_run: dict | None = None) -> dict:
+    """What a scheduler decided against full training: each seed's own final values
+    (``truth="seed"``), or their mean over the seeds (``"mean"``: what training every recipe
+    K times says, with the noise of one run averaged out). ``first_run``: the epochs of each
+    recipe's first rung run, which runs its deferred part too (the rungs); None: a truncated
+    run (old ASHA) runs it only past the epoch it starts at."""
     names = list(runs)
+    mean_final = {n: statistics.mean(r["full"]["curve"][-1] for r in runs[n][:seeds]) for n in names}
     rho, top1, top3, share, cut = [], [], [], [], []
     for seed, (outcome, first) in enumerate(zip(outcomes, first_values)):
-        final = {n: runs[n][seed]["full"]["curve"][-1] for n in names}
+        final = (mean_final if truth == "mean" else
+                 {n: runs[n][seed]["full"]["curve"][-1] for n in names})
         rho.append(spearman([first[n] for n in names], [final[n] for n in names]))
         ranked = sorted(names, key=lambda n: -final[n])
         top1.append(outcome["ended"][ranked[0]])
@@ -177,8 +262,11 @@ def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]
         best = ranked[0]
         deferred = runs[best][seed]["full"]["deferred"]
         if not outcome["ended"][best]:
-            cut.append(f"seed {seed}: {best} after {outcome['trained'][best]} epochs"
-                       + (f" (its deferred part starts at epoch {deferred + 1})" if deferred else ""))
+            trained = outcome["trained"][best]
+            ran = trained >= first_run[best] if first_run else trained > (deferred or 0)
+            cut.append(f"seed {seed}: {best} after {trained} epochs" + (
+                "" if not deferred else " (after a run with its deferred part)" if ran else
+                f" (before its deferred part, due at epoch {deferred + 1})"))
     return {"rho": statistics.mean(rho), "top1": statistics.mean(top1), "top3": statistics.mean(top3),
             "share": statistics.mean(share), "cut": cut}
 
@@ -193,46 +281,64 @@ def main(argv=None) -> int:
                         "'ldam+crt={name: custom, loss: ldam, stage2: {name: crt}}'")
     p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
     p.add_argument("--rungs", default="0.25,1.0", help="the new scheduler's rungs (fractions)")
+    p.add_argument("--measure", help="fractions to train compressed runs at (default: --rungs); "
+                                     "a later --load replays any rungs among them")
     p.add_argument("--rf", type=float, default=3.0, help="the new scheduler's reduction factor")
     p.add_argument("--asha-grace", type=int, default=2, help="old ASHA's grace period (epochs)")
     p.add_argument("--asha-rf", type=float, default=2.0, help="old ASHA's reduction factor")
+    p.add_argument("--no-wait", action="store_true", help="the new scheduler decides at once "
+                   "(search.asha.wait: false)")
     p.add_argument("--slots", type=int, default=2, help="trials at a time in the replays")
     p.add_argument("--metric", default="val/balanced_acc", help="the search's metric")
-    p.add_argument("--save", help="write the measured runs to this JSON file")
+    p.add_argument("--save", help="write the measured runs to this JSON file, as they are "
+                                  "measured (runs it holds already are not trained again)")
     p.add_argument("--load", help="replay runs measured before (no training)")
     p.add_argument("--reuse", help="take the full runs from this earlier --save (train only "
                                    "the rungs' shorter runs)")
     args = p.parse_args(argv)
 
     from ltsearch.recipes import PRESETS
+    from ltsearch.recipes.presets import PRETRAINED
     from ltsearch.search.run import cover_order
 
     data = yaml.safe_load(Path(args.base).read_text()) or {}
     base = data.get("base", data) if isinstance(data.get("search"), dict) or "space" in data else data
     base.pop("method", None)
     fractions = [float(f) for f in args.rungs.split(",")]
-    names = args.presets.split(",") if args.presets else [n for n in PRESETS if n != "custom"]
+    measured = [float(f) for f in args.measure.split(",")] if args.measure else fractions
+    # the fine-tuning presets mean what their paper means only on a pretrained backbone
+    pretrained = bool((base.get("model") or {}).get("weights"))
+    names = args.presets.split(",") if args.presets else [
+        n for n in PRESETS if n != "custom" and (pretrained or n not in PRETRAINED)]
     recipes = {n: {"name": n} for n in names}
     for item in args.recipe:
         name, _, mapping = item.partition("=")
         recipes[name] = yaml.safe_load(mapping)
     if args.load:
         runs = json.loads(Path(args.load).read_text())
+        if args.presets:  # replay a subset of what was measured
+            runs = {n: runs[n] for n in names if n in runs}
     else:
         reuse = json.loads(Path(args.reuse).read_text()) if args.reuse else None
-        runs = measure(base, recipes, args.seeds, fractions, args.metric, reuse)
+        done = (json.loads(Path(args.save).read_text())
+                if args.save and Path(args.save).is_file() else None)
+        runs = measure(base, recipes, args.seeds, measured, args.metric, reuse, args.save, done)
     if args.save:
         Path(args.save).write_text(json.dumps(runs))
     names = list(runs)
     seeds = min(len(v) for v in runs.values())
 
     old = [replay_asha(runs, s, names, args.slots, args.asha_grace, args.asha_rf) for s in range(seeds)]
-    new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf) for s in range(seeds)]
+    new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf, fractions, not args.no_wait)
+           for s in range(seeds)]
     old_first = [{n: runs[n][s]["full"]["curve"][args.asha_grace - 1] for n in names} for s in range(seeds)]
-    new_first = [{n: runs[n][s]["rungs"][0]["curve"][-1] for n in names} for s in range(seeds)]
-    a, b = judge(runs, seeds, old, old_first), judge(runs, seeds, new, new_first)
+    new_first = [{n: rung_runs(runs[n][s], fractions)[0]["curve"][-1] for n in names} for s in range(seeds)]
+    first_run = {n: len(rung_runs(runs[n][0], fractions)[0]["curve"]) for n in names}
+    a, b = judge(runs, seeds, old, old_first), judge(runs, seeds, new, new_first, first_run=first_run)
+    am, bm = (judge(runs, seeds, old, old_first, "mean"),
+              judge(runs, seeds, new, new_first, "mean", first_run))
 
-    budgets = [len(r["curve"]) for r in runs[names[0]][0]["rungs"]]
+    budgets = [len(r["curve"]) for r in rung_runs(runs[names[0]][0], fractions)]
     print(f"\n{len(names)} recipes × {seeds} seeds, {args.slots} at a time; old: ASHA on epochs "
           f"(grace {args.asha_grace}, η {args.asha_rf:g}, file order); new: rungs "
           f"{args.rungs} of complete runs (η {args.rf:g}; {names[0]}: {budgets} epochs), "
@@ -243,7 +349,7 @@ def main(argv=None) -> int:
         mean = lambda f: statistics.mean(f(r) for r in runs[n][:seeds])  # noqa: E731
         print(f"{n:<18} {mean(lambda r: r['full']['curve'][-1]):>10.3f} "
               f"{mean(lambda r: r['full']['curve'][args.asha_grace - 1]):>9.3f} "
-              f"{mean(lambda r: r['rungs'][0]['curve'][-1]):>8.3f} "
+              f"{mean(lambda r: rung_runs(r, fractions)[0]['curve'][-1]):>8.3f} "
               f"{sum(o['ended'][n] for o in old):>12} of {seeds} {sum(o['ended'][n] for o in new):>12} of {seeds}")
     print(f"\n{'':<44}{'old ASHA':>10} {'new rungs':>10}")
     rows = [("Spearman ρ, first decision value vs final", "rho", "{:.2f}"),
@@ -252,11 +358,15 @@ def main(argv=None) -> int:
             ("compute, share of training all to the end", "share", "{:.0%}")]
     for label, key, fmt in rows:
         print(f"{label:<44}{fmt.format(a[key]):>10} {fmt.format(b[key]):>10}")
+    if seeds > 1:
+        print(f"against the mean of the {seeds} seeds' final values:")
+        for label, key, fmt in rows[:3]:
+            print(f"  {label:<42}{fmt.format(am[key]):>10} {fmt.format(bm[key]):>10}")
     rhos = [spearman([runs[n][s]["full"]["curve"][e - 1] for n in names],
                      [runs[n][s]["full"]["curve"][-1] for n in names])
             for e in (2, 4, 8) if e < len(runs[names[0]][0]["full"]["curve"]) for s in range(seeds)]
     if rhos:
-        print(f"(old: ρ of truncated runs at epochs 2 / 4 / 8: " + " / ".join(
+        print("(old: ρ of truncated runs at epochs 2 / 4 / 8: " + " / ".join(
             f"{statistics.mean(rhos[i * seeds:(i + 1) * seeds]):.2f}" for i in range(len(rhos) // seeds)) + ")")
     if seeds > 1:  # the ceiling: how well one seed's full training ranks the recipes for another
         pairs = [(s, t) for s in range(seeds) for t in range(s + 1, seeds)]
@@ -264,7 +374,7 @@ def main(argv=None) -> int:
                                            [runs[n][t]["full"]["curve"][-1] for n in names])
                                   for s, t in pairs)
         print(f"(full training against itself: ρ between two seeds' final values {ceiling:.2f})")
-    for label, verdict in (("old", a), ("new", b)):
+    for label, verdict in (("old", a), ("new", b), ("old, by the mean", am), ("new, by the mean", bm)):
         print(f"the best recipe at the end cut early ({label}): " + ("; ".join(verdict["cut"]) or "never"))
     return 0
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_config
 from ltsearch.config import ConfigError, resolve_epoch
 from ltsearch.runconfig import compressed, run_epochs
-from ltsearch.search.rungs import BUDGETS, RUNG_VALUES, Rungs
+from ltsearch.search.rungs import BUDGETS, GO, RUNG_VALUES, STOP, WAIT, Rungs
 
 
 def test_a_compressed_run_has_every_phase_of_its_recipe():
@@ -78,6 +78,34 @@ def test_a_trial_promoted_on_an_empty_rung_is_stopped_once_outranked():
     assert rungs.decide("second", [0.8], 2)
     assert not rungs.decide("first", [0.4], 2)  # ⌈2/2⌉ = 1 goes on: the second
     assert rungs.decide("second", [0.8, 0.9], 2)  # ended its last rung
+
+
+def test_a_trial_ranked_out_before_its_rung_is_settled_waits_and_goes_on_once_it_ranks_in():
+    """Halving decided at once stops a trial on a rung's first values for good; ⌈n/η⌉ grows
+    with n, so a trial out among the first few can be in among all. It waits instead, goes on
+    when later trials end the rung worse, and stops only once the rung is settled."""
+    settled = {0: False}
+    rungs = Rungs(2.0)
+    assert rungs.verdict("a", [0.9], 2, True, settled.get) == GO  # alone: in
+    assert rungs.verdict("b", [0.5], 2, True, settled.get) == WAIT  # ⌈2/2⌉ = 1: out, for now
+    assert rungs.waited("b", 2, settled.get) is None
+    assert rungs.verdict("c", [0.3], 2, True, settled.get) == WAIT  # ⌈3/2⌉ = 2: a and b
+    assert rungs.waited("b", 2, settled.get) == GO  # b ranks in: it goes on
+    assert rungs.waited("c", 2, settled.get) is None
+    settled[0] = True  # every trial has ended rung 0
+    assert rungs.verdict("d", [0.1], 2, True, settled.get) == STOP  # out, and it is final
+    assert rungs.waited("c", 2, settled.get) == STOP
+    assert rungs.verdict("b", [0.5, 0.8], 2, False, settled.get) == GO  # its full run's end
+    # decided at once (every rung settled), b would have stopped when it ended rung 0
+    at_once = Rungs(2.0)
+    assert at_once.verdict("a", [0.9], 2, True, lambda k: True) == GO
+    assert at_once.verdict("b", [0.5], 2, True, lambda k: True) == STOP
+    # later in a run an outranked trial stops: it went on while its rung was nearly empty
+    late = Rungs(2.0)
+    assert late.verdict("a", [0.5], 2, True, lambda k: False) == GO
+    assert late.verdict("b", [0.9], 2, True, lambda k: False) == GO
+    assert late.verdict("a", [0.5], 2, False, lambda k: False) == STOP
+    assert late.verdict("a", [0.5], 2, True, lambda k: False) == WAIT  # (a resumed run's first)
 
 
 def test_crafted_curves_old_asha_prunes_the_late_recipe_the_rungs_keep_it():

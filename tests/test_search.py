@@ -124,6 +124,48 @@ def test_asha_stops_trials_and_optuna_lists_them_pruned(search):
         optuna.trial.TrialState.FAIL)
 
 
+def test_a_trial_out_among_the_first_ends_of_its_rung_waits_and_ends_among_the_best(search):
+    """A trial ranked out when it ended rung 0, among the trials that had ended it by then,
+    waits paused (Tune resumes it in a new worker) instead of stopping, and reaches its end if
+    it ranks among the best ⌈n/η⌉ of all the trials that ended the rung; the others stop then,
+    PRUNED in the records and in Optuna."""
+    import math
+
+    outcome, space, _ = search
+    records = outcome.records.trials
+    eta = space.settings.asha.reduction_factor
+
+    def reports(trial_id):
+        folder = next((outcome.folder / "ray").glob(f"*{trial_id}*"))
+        return [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+
+    ended = {k: r for k, r in records.items() if r.get("rung_values")}
+    order = sorted(ended, key=lambda k: reports(k)[0]["timestamp"])  # as they ended rung 0
+    value = {k: ended[k]["rung_values"][0] for k in order}
+    cut = sorted(value.values(), reverse=True)[math.ceil(len(order) / eta) - 1]
+    waited = []
+    for i, k in enumerate(order):
+        among = [value[j] for j in order[:i + 1]]
+        out_then = sum(v > value[k] for v in among) >= math.ceil(len(among) / eta)
+        if value[k] >= cut:  # among the best of all (ties go on together): it reached its end
+            assert records[k]["status"] == "COMPLETED", (k, value, order)
+            if out_then:
+                waited.append(k)
+        else:
+            assert records[k]["status"] == "PRUNED"
+            assert records[k]["epochs"] < records[k]["total_epochs"]
+    # decided at once, a trial that was out then had stopped for good: here one waited
+    assert waited, f"no trial waited (order {order}, values {value}): the test shows nothing"
+    for k in waited:  # one at a time: its full run came after the next trial's first rung
+        full = [r for r in reports(k) if r["rung"] == 1]
+        assert full and all(full[0]["timestamp"] > reports(j)[0]["timestamp"]
+                            for j in order[order.index(k) + 1:order.index(k) + 2])
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    states = {json.dumps(t.params, sort_keys=True): t.state for t in study.trials}
+    for k in waited:
+        assert states[json.dumps(records[k]["params"], sort_keys=True)] == optuna.trial.TrialState.COMPLETE
+
+
 def _child_runs(outcome, where: str = ""):
     """The client and the trial runs under the search's parent run (``where``: more filter)."""
     client = MlflowClient(outcome.tracking_uri)

@@ -235,8 +235,8 @@ def quiet_trial_progress() -> Callback:
 
 
 class ProgressCallback(Callback):
-    """One line per trial event that matters (started, finished, pruned, failed) and a progress
-    line: trials done of the total, the time since the command started (``began``, on
+    """One line per trial event that matters (started, waits, goes on, finished, pruned,
+    failed) and a progress line: trials done of the total, the time since the command started (``began``, on
     ``clock``), an estimate of what is left, the best so far. On a terminal the progress line is
     a bar redrawn in place; in a log it follows each trial's end."""
 
@@ -256,6 +256,7 @@ class ProgressCallback(Callback):
         self.done_before = self._counts()[0]  # trials that ended before this driver (a resume)
         self.ended = records.ended()
         self.first_start: Optional[float] = None  # this driver's first trial start
+        self.waiting: set[str] = set()  # trials paused by the rungs, said so
 
     def __getstate__(self):
         return {**self.__dict__, "out": None, "records": None}
@@ -297,6 +298,12 @@ class ProgressCallback(Callback):
         self.out.flush()
 
     def on_step_end(self, iteration, trials, **info):
+        for trial in trials:  # (Tune has no pause event for callbacks)
+            if trial.status == "PAUSED" and trial.trial_id not in self.waiting | self.ended:
+                self.waiting.add(trial.trial_id)
+                self._say(f"waits    {trial.trial_id[-8:]}  "
+                          f"{rungs_said(trial.last_result or {}, self.space.settings)}, until "
+                          f"the trials still to end that rung do")
         if self.tty and self.clock() - self.drawn >= 1.0:  # the clock moves on a terminal
             self.drawn = self.clock()
             self.out.write("\r\033[K" + self._bar())
@@ -304,6 +311,10 @@ class ProgressCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self.ended:
+            return
+        if trial.trial_id in self.waiting:
+            self.waiting.discard(trial.trial_id)
+            self._say(f"goes on  {trial.trial_id[-8:]}  among the best of every rung it ended")
             return
         if self.first_start is None:
             self.first_start = self.clock()

@@ -92,7 +92,7 @@ def check_resumable(space, folder: Path, name: str) -> TrialRecords:
     from ltsearch.config import read_yaml
     from ltsearch.search.folder import check_checkpoint, check_study, read_json
     from ltsearch.search.results import read_info
-    from ltsearch.search.trial import CHECKPOINT_FILE, RUNG_FILE
+    from ltsearch.search.trial import CHECKPOINT_FILE, RUNG_FILE, holds_state
 
     records = TrialRecords(folder)
     read_info(folder)
@@ -118,7 +118,9 @@ def check_resumable(space, folder: Path, name: str) -> TrialRecords:
     for trial_id, r in records.trials.items():
         if r["status"] in ONGOING:
             for checkpoint in latest_checkpoints(folder, trial_id):
-                check_checkpoint(checkpoint, (CHECKPOINT_FILE, RUNG_FILE))
+                check_checkpoint(checkpoint, (RUNG_FILE,))
+                if holds_state(read_json(checkpoint / RUNG_FILE)):
+                    check_checkpoint(checkpoint, (CHECKPOINT_FILE,))
     return records
 
 

@@ -27,6 +27,11 @@ class SearchLimiter(ConcurrencyLimiter):
         super().__init__(searcher, max_concurrent=max_concurrent)
         self.num_samples = num_samples
         self.tune_trials: Optional[int] = None  # the trials Tune holds, once told (a resume)
+        self.waiting: set[str] = set()  # paused trials (the rungs'): they hold no worker
+
+    def __setstate__(self, state):  # a snapshot of an older ltsearch has no waiting trials
+        self.__dict__.update(state)
+        self.__dict__.setdefault("waiting", set())
 
     def agree_with(self, trials: list) -> None:
         unfinished = {t.trial_id for t in trials if not t.is_finished()}
@@ -41,15 +46,22 @@ class SearchLimiter(ConcurrencyLimiter):
     def suggest(self, trial_id: str):
         if self.tune_trials is not None and self.tune_trials >= self.num_samples:
             return Searcher.FINISHED
-        suggestion = super().suggest(trial_id)
-        if suggestion not in (None, Searcher.FINISHED) and self.tune_trials is not None:
-            self.tune_trials += 1
+        if len(self.live_trials - self.waiting) >= self.max_concurrent:
+            return None  # (ConcurrencyLimiter's rule, less the trials that wait)
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+            if self.tune_trials is not None:
+                self.tune_trials += 1
         return suggestion
 
 
 class AgreeWithTune(Callback):
     """Hands a restored :class:`SearchLimiter` the trials Tune restored, once, before any event
-    is processed (later, a trial Tune has ended may not yet have been reported to it)."""
+    is processed (later, a trial Tune has ended may not yet have been reported to it); and at
+    every step the trials that wait paused, which its limit does not count (else trials that
+    wait for their rung to settle would hold the places of the trials that settle it)."""
 
     def __init__(self, limiter: SearchLimiter):
         self.limiter = limiter
@@ -59,6 +71,7 @@ class AgreeWithTune(Callback):
         if not self.done:
             self.done = True
             self.limiter.agree_with(trials)
+        self.limiter.waiting = {t.trial_id for t in trials if t.status == "PAUSED"}
 
 
 def agreeing(search_alg) -> list:

@@ -58,7 +58,9 @@ def make_scheduler(settings, records: Optional[dict] = None):
 
     if len(settings.asha.fractions()) < 2:
         return FIFOScheduler()
-    scheduler = RungScheduler(settings.asha.reduction_factor, settings.mode)
+    waits = settings.asha.wait  # a trial ranked out on an unsettled rung waits (paused)
+    scheduler = RungScheduler(settings.asha.reduction_factor, settings.mode,
+                              settings.num_samples if waits else None, settings.max_concurrent)
     scheduler.restore_records(records or {})
     return scheduler
 
@@ -362,14 +364,14 @@ def _tune(search: Search, verbose: int) -> str:
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
             storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))
         scheduler = make_scheduler(settings)
+        limiter = SearchLimiter(searcher, settings.max_concurrent, settings.num_samples)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
-                search_alg=SearchLimiter(searcher, settings.max_concurrent, settings.num_samples),
-                scheduler=scheduler, reuse_actors=settings.reuse_workers),
+                search_alg=limiter, scheduler=scheduler, reuse_actors=settings.reuse_workers),
             run_config=tune.RunConfig(
-                name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks,
+                name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks + agreeing(limiter),
                 verbose=2 if verbose >= 1 else 0,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),

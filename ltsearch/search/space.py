@@ -117,6 +117,8 @@ class AshaSettings:
                               doc="fractions of each trial's length, rising to 1.0: each rung "
                                   "trains the whole recipe compressed to it")
     reduction_factor: float = spec(3.0, gt=1.0, doc="a rung keeps its best 1/η")
+    wait: bool = spec(True, doc="a trial ranked out before its rung is settled waits (paused) "
+                                "instead of stopping; false: every decision is final at once")
     grace_period: Optional[int] = spec(None, doc="removed: rungs are fractions of a complete "
                                                  "run (asha.rungs)")
 

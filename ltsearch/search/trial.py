@@ -57,6 +57,12 @@ class CheckpointPolicy:
         self.last = time.monotonic()
 
 
+def holds_state(saved: dict) -> bool:
+    """Whether a checkpoint whose rung file reads ``saved`` holds the trainer's state too: not
+    one saved at a rung's end (the next rung starts from scratch) or with the trial's model."""
+    return not saved.get(ENDED) and len(saved.get(RUNG_VALUES) or []) <= saved.get(RUNG, 0)
+
+
 def rung_runs(cfg, fractions: list[float]) -> list:
     """The runs of a trial's rungs: its whole recipe compressed to each fraction, the last the
     full run (a confirmation, or a search without ASHA, has only that)."""
@@ -99,8 +105,9 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
             if saved.get(ENDED):  # its last report, with its model, was taken: nothing is left
                 return
             rung, values = saved[RUNG], saved[RUNG_VALUES]
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        if state["epoch"] >= budgets[rung]:  # saved at the end of its rung: on to the next
+            if holds_state(saved):
+                state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if len(values) > rung:  # saved at the end of its rung: on to the next, from scratch
             rung, state = rung + 1, None
     policy = CheckpointPolicy(settings.checkpoint_every, settings.checkpoint_interval_s)
     keeps = settings.keep_models > 0 if CONFIRM_OF not in config else bool(settings.confirm.register)
@@ -127,9 +134,12 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
                        **({RUNG_VALUE: values[-1]} if tr.epoch == tr.total_epochs else {})}
             due = policy.due(epoch, sum(budgets))
             model = keeps and k == len(runs) - 1 and tr.epoch == tr.total_epochs
-            if due or model:
+            # a rung's end: its values are all a resume needs (the next rung starts from
+            # scratch), and the scheduler may pause the trial here (ltsearch.search.scheduler)
+            rung_end = k < len(runs) - 1 and tr.epoch == tr.total_epochs
+            if due or model or rung_end:
                 with tempfile.TemporaryDirectory() as folder:
-                    if due:
+                    if due and not rung_end:
                         tr.save(Path(folder) / CHECKPOINT_FILE)
                     if model:  # (a search's driver keeps it or not: ltsearch.search.kept)
                         save_model(tr, Path(folder) / MODEL_SUBDIR, metrics)
