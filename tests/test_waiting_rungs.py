@@ -1,0 +1,80 @@
+"""The rungs' waiting in real Ray Tune and Optuna, on crafted rung values (a trainable that
+reports them, no training): Tune pauses a trial ranked out before its rung is settled, resumes
+it from its rung-end checkpoint when later trials rank it in, and stops a waiting trial once its
+rung settles with it out, PRUNED in the study with the value its rung ended with."""
+import json
+import tempfile
+from pathlib import Path
+
+import optuna
+from ray import tune
+
+from ltsearch.search.limiter import SearchLimiter, agreeing
+from ltsearch.search.ray_private import prune_aware_optuna
+from ltsearch.search.rungs import BUDGETS, RUNG, RUNG_VALUE, RUNG_VALUES
+from ltsearch.search.scheduler import RungScheduler
+
+# each trial's value at the end of rung 0 and of its full run, in the order the trials start
+VALUES = [(0.9, 0.95), (0.5, 0.6), (0.4, 0.45), (0.1, 0.15)]
+
+
+def _define(trial):  # (module level: Tune pickles the searcher with its space)
+    trial.suggest_int("i", 0, len(VALUES) - 1)
+
+
+def _search(tmp_path, wait: bool):
+    values = VALUES
+
+    def trainable(config):
+        start = 0
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                start = json.loads((Path(folder) / "rung.json").read_text())[RUNG] + 1
+        mine = values[config["i"]]
+        for k in range(start, 2):
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "rung.json").write_text(json.dumps({RUNG: k}))
+                tune.report({RUNG: k, RUNG_VALUES: list(mine[:k + 1]), BUDGETS: [1, 1],
+                             RUNG_VALUE: mine[k], "rung_epoch": 1, "epoch": k + 1,
+                             "total_epochs": 2, "v": mine[k]},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = prune_aware_optuna()(
+        space=_define, metric="v", mode="max",
+        storage=optuna.storages.RDBStorage(storage), study_name="w",
+        points_to_evaluate=[{"i": i} for i in range(len(VALUES))])
+    limiter = SearchLimiter(searcher, 1, len(VALUES))
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        metric="v", mode="max", num_samples=len(VALUES), search_alg=limiter,
+        scheduler=RungScheduler(2.0, "max", len(VALUES) if wait else None, 1)),
+        run_config=tune.RunConfig(name="w", storage_path=str(tmp_path / "ray"), verbose=0,
+                                  callbacks=agreeing(limiter)))
+    grid = tuner.fit()
+    reports = {}
+    for result in grid:
+        history = result.metrics_dataframe
+        reports[result.config["i"]] = list(zip(history["rung"], history["timestamp"]))
+    study = optuna.load_study(study_name="w", storage=storage)
+    told = {t.params["i"]: (t.state.name, t.intermediate_values) for t in study.trials}
+    return reports, told
+
+
+def test_a_waiting_trial_goes_on_when_it_ranks_in_and_stops_when_its_rung_settles(ray_local, tmp_path):
+    reports, told = _search(tmp_path, wait=True)
+    # trial 1 (0.5) is out when it ends rung 0 (⌈2/2⌉ = 1 of two), in once trial 2 ends it
+    # worse (⌈3/2⌉ = 2): it waited, and its full run came after trial 2's rung
+    assert [r for r, _ in reports[1]] == [0, 1]  # rung 0 once: resumed at its next rung
+    assert reports[1][1][1] > reports[2][0][1]
+    assert {i: state for i, (state, _) in told.items()} == {
+        0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED", 3: "PRUNED"}
+    # trial 2 waited too, and stopped when the last trial settled the rung with it out
+    assert told[2][1] == {0: 0.4} and told[3][1] == {0: 0.1}
+    assert [r for r, _ in reports[2]] == [0] and [r for r, _ in reports[3]] == [0]
+
+
+def test_decided_at_once_the_second_trial_stops_for_good(ray_local, tmp_path):
+    reports, told = _search(tmp_path, wait=False)
+    assert {i: state for i, (state, _) in told.items()} == {
+        0: "COMPLETE", 1: "PRUNED", 2: "PRUNED", 3: "PRUNED"}
