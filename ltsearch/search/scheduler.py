@@ -17,7 +17,7 @@ class RungScheduler(FIFOScheduler):
     and is resumed when it ranks in or stopped when the rung settles; Ray Tune's HyperBand
     pauses and stops its trials the same way. A rung is settled when the search holds all its
     ``num_samples`` trials and each has ended that rung or ended for good (None: every rung is
-    settled, decisions are final at once, as in the benchmark's replays of old).
+    settled, decisions are final at once, as the search decided before 2026-12-03).
 
     Tune does not keep a scheduler's state across a resume, so a resumed search rebuilds it from
     the records (:meth:`restore_records`)."""
