@@ -236,9 +236,9 @@ def quiet_trial_progress() -> Callback:
 
 class ProgressCallback(Callback):
     """One line per trial event that matters (started, waits, goes on, finished, pruned,
-    failed) and a progress line: trials done of the total, the time since the command started (``began``, on
-    ``clock``), an estimate of what is left, the best so far. On a terminal the progress line is
-    a bar redrawn in place; in a log it follows each trial's end."""
+    failed) and a progress line: trials done of the total, the time since the command started
+    (``began``, on ``clock``), an estimate of what is left, the best so far. On a terminal the
+    progress line is a bar redrawn in place; in a log it follows each trial's end."""
 
     def __init__(self, records: TrialRecords, space, out=None, confirming: bool = False,
                  began: Optional[float] = None, clock=time.monotonic):

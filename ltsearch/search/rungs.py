@@ -18,8 +18,8 @@ ended that rung so far. A rung is never decided on few values for good, either w
   **waits** instead of stopping (Tune pauses it; it holds no worker): later trials may end the
   rung worse, and ⌈n/η⌉ grows with n. It goes on as soon as it ranks in, and stops once the rung
   is settled with it still out. Asynchronous halving without this stops for good on a rung's
-  first few values; on CIFAR-10-LT it cut one of the full-training top 3 in a quarter of the
-  seeds (``scripts/bench_fidelity.py``), where waiting kept them all, at the same compute.
+  first few values: on CIFAR-10-LT (``scripts/bench_fidelity.py``, 8 seeds) the full-training
+  top 3 reached their end in 79 % of the seeds decided at once, 92 % waiting (compute 58 → 66 %).
 
 Decisions depend on the values recorded only, so a resumed search (the records rebuilt from
 ``trials.json``) decides as an uninterrupted one.
