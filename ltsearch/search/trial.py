@@ -107,8 +107,8 @@ def run_trial(config: dict, data=None, space=None, compile_cache: Optional[str] 
             rung, values = saved[RUNG], saved[RUNG_VALUES]
             if holds_state(saved):
                 state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        if len(values) > rung:  # saved at the end of its rung: on to the next, from scratch
-            rung, state = rung + 1, None
+            else:  # saved at the end of its rung: on to the next, from scratch
+                rung += 1
     policy = CheckpointPolicy(settings.checkpoint_every, settings.checkpoint_interval_s)
     keeps = settings.keep_models > 0 if CONFIRM_OF not in config else bool(settings.confirm.register)
     node = ray.get_runtime_context().get_node_id()
