@@ -2,7 +2,7 @@
 runs, replayed on what full training says.
 
     python scripts/bench_fidelity.py BASE.yaml --seeds K [--recipe 'NAME={method mapping}' …]
-           [--rungs 0.25,1.0] [--rf 3] [--no-wait] [--slots 2] [--measure 0.125,0.25,1.0]
+           [--rungs 0.125,1.0] [--rf 3] [--no-wait] [--slots 2] [--measure 0.125,0.25,1.0]
            [--save runs.json | --load runs.json]
 
 BASE.yaml is an ``ltsearch train`` config (or a search file: its ``base``). Every preset (the
@@ -280,7 +280,8 @@ def main(argv=None) -> int:
                    help="NAME=MAPPING: a composed recipe besides the presets, e.g. "
                         "'ldam+crt={name: custom, loss: ldam, stage2: {name: crt}}'")
     p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
-    p.add_argument("--rungs", default="0.25,1.0", help="the new scheduler's rungs (fractions)")
+    p.add_argument("--rungs", help="the new scheduler's rungs (fractions; default: the search's, "
+                                   "for BASE's epochs)")
     p.add_argument("--measure", help="fractions to train compressed runs at (default: --rungs); "
                                      "a later --load replays any rungs among them")
     p.add_argument("--rf", type=float, default=3.0, help="the new scheduler's reduction factor")
@@ -304,7 +305,16 @@ def main(argv=None) -> int:
     data = yaml.safe_load(Path(args.base).read_text()) or {}
     base = data.get("base", data) if isinstance(data.get("search"), dict) or "space" in data else data
     base.pop("method", None)
-    fractions = [float(f) for f in args.rungs.split(",")]
+    from ltsearch.runconfig import config_from_dict
+    from ltsearch.search.rungs import AshaSettings
+
+    epochs = config_from_dict(base).train.epochs
+    if args.rungs:
+        fractions = [float(f) for f in args.rungs.split(",")]
+    else:  # what a search over this base would run
+        asha = AshaSettings()
+        asha.settle(epochs)
+        fractions = asha.fractions()
     measured = [float(f) for f in args.measure.split(",")] if args.measure else fractions
     # the fine-tuning presets mean what their paper means only on a pretrained backbone
     pretrained = bool((base.get("model") or {}).get("weights"))
@@ -327,6 +337,10 @@ def main(argv=None) -> int:
         Path(args.save).write_text(json.dumps(runs))
     names = list(runs)
     seeds = min(len(v) for v in runs.values())
+    # a rung is its compressed run's length: 0.125 and 4/30 of 30 epochs are both 4 epochs
+    same = lambda f, g: max(1, round(epochs * f)) == max(1, round(epochs * g))  # noqa: E731
+    fractions = [next((g for g in runs[names[0]][0]["fractions"] if same(f, g)), f)
+                 for f in fractions[:-1]] + [1.0]
 
     old = [replay_asha(runs, s, names, args.slots, args.asha_grace, args.asha_rf) for s in range(seeds)]
     new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf, fractions, not args.no_wait)
@@ -341,7 +355,7 @@ def main(argv=None) -> int:
     budgets = [len(r["curve"]) for r in rung_runs(runs[names[0]][0], fractions)]
     print(f"\n{len(names)} recipes × {seeds} seeds, {args.slots} at a time; old: ASHA on epochs "
           f"(grace {args.asha_grace}, η {args.asha_rf:g}, file order); new: rungs "
-          f"{args.rungs} of complete runs (η {args.rf:g}; {names[0]}: {budgets} epochs), "
+          f"{','.join(f'{f:.3g}' for f in fractions)} of complete runs (η {args.rf:g}; {names[0]}: {budgets} epochs), "
           f"cover order shuffled by seed")
     print(f"\n{'recipe':<18} {'end (mean)':>10} {f'@epoch {args.asha_grace}':>9} {'1st rung':>8} "
           f"{'old: reached end':>17} {'new: reached end':>17}")

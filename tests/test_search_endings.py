@@ -266,6 +266,8 @@ def test_ray_failing_to_start_is_reported_as_itself_and_the_records_are_closed(t
     assert err[0].startswith("error: the search stopped: NotADirectoryError:"), out.stderr
     lines = out.stdout.strip().splitlines()
     assert "KeyError" not in out.stdout and lines[0].endswith("; starting a local Ray")
+    assert lines[0].startswith("search s: 6 trials over 1 method, rungs at 0.33 / 1 of each run "
+                               "(η 2), 1 at a time, in "), lines[0]
     assert lines[1:3] == ["", "search s: no trial ran"], out.stdout
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])

@@ -9,7 +9,9 @@ from pathlib import Path
 import optuna
 from ray import tune
 
+from ltsearch.search.callbacks import SearchCallback
 from ltsearch.search.limiter import SearchLimiter, agreeing
+from ltsearch.search.records import TrialRecords
 from ltsearch.search.ray_private import prune_aware_optuna
 from ltsearch.search.rungs import BUDGETS, RUNG, RUNG_VALUE, RUNG_VALUES
 from ltsearch.search.scheduler import RungScheduler
@@ -23,9 +25,17 @@ def _define(trial):  # (module level: Tune pickles the searcher with its space)
 
 
 def _search(tmp_path, wait: bool):
-    values = VALUES
+    """The crafted trials one at a time, with the search's own records (trials.json): each
+    trial, as it starts, notes what trials.json says of the others then (``seen-<i>.json``)."""
+    from ltsearch.search.space import parse_search_file
+    from ltsearch.search.tracker import Tracker
+
+    values, kept = VALUES, tmp_path
 
     def trainable(config):
+        seen = {r["params"]["i"]: r["status"] for r in
+                json.loads((kept / "trials.json").read_text()).values() if r["params"]["i"] != config["i"]}
+        (kept / f"seen-{config['i']}.json").write_text(json.dumps(seen))
         start = 0
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -46,11 +56,14 @@ def _search(tmp_path, wait: bool):
         storage=optuna.storages.RDBStorage(storage), study_name="w",
         points_to_evaluate=[{"i": i} for i in range(len(VALUES))])
     limiter = SearchLimiter(searcher, 1, len(VALUES))
+    records = TrialRecords(tmp_path)
+    space = parse_search_file({"base": {"train": {"epochs": 2}}})
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         metric="v", mode="max", num_samples=len(VALUES), search_alg=limiter,
         scheduler=RungScheduler(2.0, "max", len(VALUES) if wait else None, 1)),
         run_config=tune.RunConfig(name="w", storage_path=str(tmp_path / "ray"), verbose=0,
-                                  callbacks=agreeing(limiter)))
+                                  callbacks=[*agreeing(limiter),
+                                             SearchCallback(records, space, Tracker())]))
     grid = tuner.fit()
     reports = {}
     for result in grid:
@@ -58,11 +71,15 @@ def _search(tmp_path, wait: bool):
         reports[result.config["i"]] = list(zip(history["rung"], history["timestamp"]))
     study = optuna.load_study(study_name="w", storage=storage)
     told = {t.params["i"]: (t.state.name, t.intermediate_values) for t in study.trials}
-    return reports, told
+    return reports, told, {r["params"]["i"]: r for r in records.trials.values()}
+
+
+def _seen(tmp_path, i: int) -> dict:
+    return {int(k): v for k, v in json.loads((tmp_path / f"seen-{i}.json").read_text()).items()}
 
 
 def test_a_waiting_trial_goes_on_when_it_ranks_in_and_stops_when_its_rung_settles(ray_local, tmp_path):
-    reports, told = _search(tmp_path, wait=True)
+    reports, told, records = _search(tmp_path, wait=True)
     # trial 1 (0.5) is out when it ends rung 0 (⌈2/2⌉ = 1 of two), in once trial 2 ends it
     # worse (⌈3/2⌉ = 2): it waited, and its full run came after trial 2's rung
     assert [r for r, _ in reports[1]] == [0, 1]  # rung 0 once: resumed at its next rung
@@ -72,9 +89,25 @@ def test_a_waiting_trial_goes_on_when_it_ranks_in_and_stops_when_its_rung_settle
     # trial 2 waited too, and stopped when the last trial settled the rung with it out
     assert told[2][1] == {0: 0.4} and told[3][1] == {0: 0.1}
     assert [r for r, _ in reports[2]] == [0] and [r for r, _ in reports[3]] == [0]
+    # trials.json said so while they waited (no worker, not RUNNING), and ended as the study did
+    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "WAITING"}
+    seen = _seen(tmp_path, 3)  # (trial 1 went on before trial 3 started, or after)
+    assert (seen[0], seen[2]) == ("COMPLETED", "WAITING")
+    assert {i: r["status"] for i, r in records.items()} == {
+        0: "COMPLETED", 1: "COMPLETED", 2: "PRUNED", 3: "PRUNED"}
+    # a trial that went on kept its first start (the order trials began); the time it held no
+    # worker is counted apart: from its rung's end to its next start, or to its stop
+    assert [i for i, _ in sorted(records.items(), key=lambda x: x[1]["started_at"])] == [0, 1, 2, 3]
+    assert records[1]["waited_s"] > 0 and records[2]["waited_s"] > 0
+    assert records[0]["waited_s"] == 0 and records[3]["waited_s"] == 0
+    rung_end = {i: reports[i][0][1] for i in (1, 2)}  # Tune's timestamps: whole seconds
+    assert records[1]["waited_s"] <= reports[1][1][1] - rung_end[1] + 1
+    assert records[2]["waited_s"] <= records[2]["ended_at"] - rung_end[2] + 1
 
 
 def test_decided_at_once_the_second_trial_stops_for_good(ray_local, tmp_path):
-    reports, told = _search(tmp_path, wait=False)
+    reports, told, records = _search(tmp_path, wait=False)
     assert {i: state for i, (state, _) in told.items()} == {
         0: "COMPLETE", 1: "PRUNED", 2: "PRUNED", 3: "PRUNED"}
+    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "PRUNED"}  # it never waited
+    assert all(r["waited_s"] == 0 for r in records.values())

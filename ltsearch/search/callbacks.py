@@ -19,8 +19,8 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from ltsearch.recipes import reported_metrics
-from ltsearch.search.records import (CONFIRM_OF, ONGOING, SEED, TrialRecords, error_text,
-                                     finished_status, scalars)
+from ltsearch.search.records import (CONFIRM_OF, ONGOING, PAUSED_AT, SEED, WAITED_S, TrialRecords,
+                                     error_text, finished_status, scalars)
 from ltsearch.search.ray_private import keep_results
 from ltsearch.search.rungs import BUDGET, BUDGETS, RUNG, RUNG_VALUES
 from ltsearch.search.tracker import Tracker
@@ -100,12 +100,24 @@ class SearchCallback(Callback):
         rec = self.records
         old = rec.trials.get(trial.trial_id, {})
         self._open(trial)
+        now = time.time()
+        # a trial its rungs paused goes on: it keeps its start (the order trials began, the
+        # report's timeline), and the time it waited holding no worker is counted apart
+        waited = old.get(WAITED_S, 0.0) + (now - old[PAUSED_AT] if old.get("status") == "WAITING" else 0.0)
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
                     **{k: old.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)},
-                    started_at=time.time(), params=dict(trial.config), backbone=self.backbone or None,
+                    started_at=old["started_at"] if old.get("status") == "WAITING" else now,
+                    **{WAITED_S: waited, PAUSED_AT: None},
+                    params=dict(trial.config), backbone=self.backbone or None,
                     **confirmation(trial.config))
+
+    def on_step_end(self, iteration, trials, **info):
+        for trial in trials:  # (Tune has no pause event for callbacks)
+            r = self.records.trials.get(trial.trial_id)
+            if trial.status == Trial.PAUSED and r and r["status"] == "RUNNING":
+                self.records.update(trial.trial_id, status="WAITING", **{PAUSED_AT: time.time()})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self.ended:
@@ -128,7 +140,10 @@ class SearchCallback(Callback):
         self._open(trial)
         self.tracker.end_trial(trial.trial_id, status, self._config(trial), trial.last_result or {},
                                error)
-        self._timed(rec, trial.trial_id, began, status=status, error=error, ended_at=time.time())
+        now, old = time.time(), rec.trials.get(trial.trial_id, {})
+        waited = {WAITED_S: old.get(WAITED_S, 0.0) + now - old[PAUSED_AT], PAUSED_AT: None} \
+            if old.get("status") == "WAITING" else {}  # stopped where it waited
+        self._timed(rec, trial.trial_id, began, status=status, error=error, ended_at=now, **waited)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, finished_status(trial.last_result))

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 from ltsearch.config import ConfigError
 from ltsearch.search.limiter import SearchLimiter, agreeing
 from ltsearch.search.opened import Search
-from ltsearch.search.records import CONFIRM_OF, ONGOING, SEED
+from ltsearch.search.records import CONFIRM_OF, LIVE, ONGOING, SEED
 from ltsearch.search.results import CONFIRM_PREFIX
 
 
@@ -98,7 +98,7 @@ def run_confirmation(search: Search, verbose: int) -> str:
     def ending(grid, asked: int) -> str:
         search.tune_trial_ids |= {r.metrics.get("trial_id") for r in grid if r.metrics}
         unfinished = [k for k, r in search.records.trials.items()
-                      if r["status"] == "RUNNING" and k in search.tune_trial_ids]
+                      if r["status"] in LIVE and k in search.tune_trial_ids]
         return "interrupted" if unfinished or len(grid) < asked else "finished"
 
     rounds = sorted((p for p in search.folder.glob(f"{CONFIRM_PREFIX}*") if p.is_dir()),

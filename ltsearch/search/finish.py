@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ltsearch.search.opened import Search
-from ltsearch.search.records import ONGOING, TrialRecords
+from ltsearch.search.records import LIVE, ONGOING, TrialRecords
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def finish_search(search: Search, ending: str, cause: Optional[BaseException] = 
             unclosed.append(f"{what} (its database could not be written)")
 
     records = search.records
-    running = [k for k, r in records.trials.items() if r["status"] == "RUNNING"]
+    running = [k for k, r in records.trials.items() if r["status"] in LIVE]
     open_optuna = []
     if (search.folder / "optuna.db").is_file():
         try:

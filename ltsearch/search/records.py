@@ -24,7 +24,9 @@ from ltsearch.search.rungs import BUDGETS, RUNG_VALUES
 TRIALS_FILE = "trials.json"
 CONFIRM_OF = "confirm_of"  # a confirmation run's record (and Tune config): the trial it confirms,
 SEED = "seed"              # and its fresh seed
-ONGOING = ("RUNNING", "INTERRUPTED")  # a trial's statuses before it ends (--resume continues it)
+WAITED_S, PAUSED_AT = "waited_s", "paused_at"  # a record's time paused by its rungs, since when
+LIVE = ("RUNNING", "WAITING")  # a trial the search holds: training, or paused by its rungs
+ONGOING = (*LIVE, "INTERRUPTED")  # a trial's statuses before it ends (--resume continues it)
 SCALAR_METRICS = (*(f"val/{m}" for m in SCALARS), *(f"test/{m}" for m in SCALARS), "train/loss")
 
 

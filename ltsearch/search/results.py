@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ltsearch.config import ConfigError
 from ltsearch.search.folder import damaged, read_json
-from ltsearch.search.records import CONFIRM_OF, TRIALS_FILE, TrialRecords
+from ltsearch.search.records import CONFIRM_OF, TRIALS_FILE, WAITED_S, TrialRecords
 
 SEARCH_INFO = "search.json"
 CONFIRM_PREFIX = "confirm-"  # Tune's experiment folders: ray/ (the search), confirm-N/ (its
@@ -68,7 +68,7 @@ class SearchResults:
             last = reports[-1] if reports else {}
             inside = [sum(x.get("epoch_time_s", 0.0) for x in reports), last.get("time/eval_s", 0.0),
                       last.get("time/setup_s", 0.0), last.get("time/report_s", 0.0)]
-            duration = r["ended_at"] - r["started_at"]
+            duration = r["ended_at"] - r["started_at"] - r.get(WAITED_S, 0.0)  # its slots' time
             for key, value in zip(parts, inside + [max(0.0, duration - sum(inside))]):
                 parts[key] += value
         span = max(r["ended_at"] for r in rows) - min(r["started_at"] for r in rows)
@@ -77,7 +77,7 @@ class SearchResults:
         return {"parts": parts, "span_s": span, "slot_s": slots,
                 "efficiency": parts["training"] / slots if slots > 0 else math.nan,
                 "median_fixed_s": statistics.median(
-                    r["ended_at"] - r["started_at"]
+                    r["ended_at"] - r["started_at"] - r.get(WAITED_S, 0.0)
                     - sum(x.get("epoch_time_s", 0.0) for x in self.reports.get(r["trial_id"], []))
                     for r in rows)}
 

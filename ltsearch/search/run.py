@@ -24,7 +24,7 @@ from ltsearch.config import ConfigError
 from ltsearch.search.checks import check_machine_holds, check_search, count, nodes_for, resolve_address
 from ltsearch.search.finish import SearchOutcome, SearchStopped, _disk_error, finish_search
 from ltsearch.search.opened import RAY_SUBDIR, Search
-from ltsearch.search.records import CONFIRM_OF, ONGOING
+from ltsearch.search.records import CONFIRM_OF, LIVE, ONGOING
 from ltsearch.search.signals import StopSignals, spared_children
 from ltsearch.search.tracker import TrackingError
 
@@ -184,6 +184,10 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
             ended = sum(r["status"] not in ONGOING for r in
                         search.records.trials.values() if not r.get(CONFIRM_OF))
             what = f"resuming {what} ({ended} ended)"
+        fractions = settings.asha.fractions()
+        if len(fractions) > 1:  # the default rungs depend on the runs' length: say which
+            what += (f", rungs at {' / '.join(f'{f:.3g}' for f in fractions)} of each run "
+                     f"(η {settings.asha.reduction_factor:g})")
         if settings.confirm.top:
             what += f", then {settings.confirm.said()}"
     where = ("on the Ray already running" if ray.is_initialized()
@@ -381,7 +385,7 @@ def _tune(search: Search, verbose: int) -> str:
     # Tune returns normally after Ctrl-C (its handler saves the state): an interrupted search
     # has trials it knows still RUNNING in the records, or fewer trials than asked for.
     unfinished = [k for k, r in search.records.trials.items()
-                  if r["status"] == "RUNNING" and k in search.tune_trial_ids]
+                  if r["status"] in LIVE and k in search.tune_trial_ids]
     return "interrupted" if unfinished or len(grid) < settings.num_samples else "finished"
 
 

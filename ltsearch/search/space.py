@@ -44,6 +44,7 @@ from ltsearch.recipes import PRESETS
 from ltsearch.recipes.recipe import METHOD_KEYS, REGISTRIES, check_counts
 from ltsearch.runconfig import compressed, config_from_dict
 from ltsearch.search.records import SEED
+from ltsearch.search.rungs import AshaSettings
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice")
 
@@ -105,36 +106,6 @@ def parse_dist(value: Any, key: str) -> Dist:
 class Resources:
     cpu: float = spec(1.0, gt=0.0)
     gpu: float = spec(0.0, ge=0.0, doc="fractional GPUs share one device, e.g. 0.25")
-
-
-@dataclass
-class AshaSettings:
-    """Successive halving over complete runs (:mod:`ltsearch.search.rungs`): rung k trains the
-    trial's whole recipe compressed to ``rungs[k]`` of its length; after each rung a trial goes
-    on only among the best 1/``reduction_factor`` of those that ended it."""
-    enabled: bool = spec(True, doc="false: every trial trains its full run once, none is stopped")
-    rungs: list[float] = spec(factory=lambda: [0.25, 1.0],
-                              doc="fractions of each trial's length, rising to 1.0: each rung "
-                                  "trains the whole recipe compressed to it")
-    reduction_factor: float = spec(3.0, gt=1.0, doc="a rung keeps its best 1/η")
-    wait: bool = spec(True, doc="a trial ranked out before its rung is settled waits (paused) "
-                                "instead of stopping; false: every decision is final at once")
-    grace_period: Optional[int] = spec(None, doc="removed: rungs are fractions of a complete "
-                                                 "run (asha.rungs)")
-
-    def check(self):
-        if self.grace_period is not None:
-            raise ConfigError("grace_period", "ASHA no longer stops a run after some of its epochs "
-                              "(an early epoch of a long-tail recipe says little about its end): "
-                              "each rung trains the whole recipe compressed; give asha.rungs, "
-                              "fractions of a trial's length such as [0.25, 1.0]")
-        r = self.rungs
-        if not r or r[-1] != 1.0 or r[0] <= 0.0 or any(a >= b for a, b in zip(r, r[1:])):
-            raise ConfigError("rungs", f"must rise from above 0 to 1.0 (the full run), got {r!r}")
-
-    def fractions(self) -> list[float]:
-        """The rungs a search trial runs (one full run without ASHA)."""
-        return list(self.rungs) if self.enabled else [1.0]
 
 
 @dataclass
@@ -431,6 +402,9 @@ def parse_search_file(data: Any, overrides: Optional[dict] = None) -> SearchSpac
             _with(base, section, name, None)  # the base section must be a mapping
             knobs[f"{section}.{name}"] = dist
 
+    # every trial's rungs, settled on the shortest run a searched train.epochs allows
+    epochs = knobs["train.epochs"].extremes() if "train.epochs" in knobs else []
+    settings.asha.settle(min(epochs or [config_from_dict(base).train.epochs]))
     method_space = space.get("method")
     if method_space is None:
         base_method = base.get("method") or {}
