@@ -345,7 +345,8 @@ def test_time_spent_and_reports_from_a_folder_as_it_lies(tmp_path):
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(data))
     records = TrialRecords(tmp_path)
     records.update("a", method="ce", status="COMPLETED", config={}, metrics={}, started_at=100.0, ended_at=110.0)
-    records.update("b", method="ce", status="PRUNED", config={}, metrics={}, started_at=102.0, ended_at=106.0)
+    records.update("b", method="ce", status="PRUNED", config={}, metrics={}, started_at=101.0, ended_at=106.0,
+                   waited_s=1.0)  # paused by its rungs for a second: no slot's time
     lines = {"a": [{"epoch": 1, "epoch_time_s": 3.0}, {"epoch": 2, "epoch_time_s": 9.9},  # re-run:
                    {"epoch": 2, "epoch_time_s": 3.0},                                      # this wins
                    {"epoch": 3, "epoch_time_s": 2.0, "time/setup_s": 0.5, "time/eval_s": 1.0,
