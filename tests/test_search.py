@@ -202,6 +202,8 @@ def test_mlflow_parent_and_child_runs(search):
         expected = {"COMPLETED": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}[record["status"]]
         assert run.info.status == expected
         assert run.data.params["method.name"] == record["method"] == run.data.tags["method"]
+        # a trial its rungs paused was tagged so (MLflow has no paused status), until it went on
+        assert run.data.tags.get("ltsearch.waiting") == ("false" if record["waited_s"] else None)
         assert float(run.data.params["train.lr"]) == record["config"]["train"]["lr"]
         if record["method"] == "reweight":
             scheme = record["config"]["method"]["weights"]["scheme"]

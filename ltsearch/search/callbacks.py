@@ -101,6 +101,8 @@ class SearchCallback(Callback):
         old = rec.trials.get(trial.trial_id, {})
         self._open(trial)
         now = time.time()
+        if old.get("status") == "WAITING":
+            self.tracker.wait_trial(trial.trial_id, False)
         # a trial its rungs paused goes on: it keeps its start (the order trials began, the
         # report's timeline), and the time it waited holding no worker is counted apart
         waited = old.get(WAITED_S, 0.0) + (now - old[PAUSED_AT] if old.get("status") == "WAITING" else 0.0)
@@ -118,6 +120,8 @@ class SearchCallback(Callback):
             r = self.records.trials.get(trial.trial_id)
             if trial.status == Trial.PAUSED and r and r["status"] == "RUNNING":
                 self.records.update(trial.trial_id, status="WAITING", **{PAUSED_AT: time.time()})
+                self._open(trial)
+                self.tracker.wait_trial(trial.trial_id, True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial.trial_id in self.ended:
@@ -138,9 +142,11 @@ class SearchCallback(Callback):
         began = time.perf_counter()
         rec = self.records
         self._open(trial)
+        now, old = time.time(), rec.trials.get(trial.trial_id, {})
+        if old.get("status") == "WAITING":
+            self.tracker.wait_trial(trial.trial_id, False)
         self.tracker.end_trial(trial.trial_id, status, self._config(trial), trial.last_result or {},
                                error)
-        now, old = time.time(), rec.trials.get(trial.trial_id, {})
         waited = {WAITED_S: old.get(WAITED_S, 0.0) + now - old[PAUSED_AT], PAUSED_AT: None} \
             if old.get("status") == "WAITING" else {}  # stopped where it waited
         self._timed(rec, trial.trial_id, began, status=status, error=error, ended_at=now, **waited)

@@ -41,6 +41,9 @@ class Tracker:
     def log(self, trial_id: str, step: int, metrics: dict) -> None:
         """One epoch's scalar metrics; a step already recorded is skipped."""
 
+    def wait_trial(self, trial_id: str, waiting: bool) -> None:
+        """The trial's rungs paused it (it holds no worker), or it goes on."""
+
     def end_trial(self, trial_id: str, status: str, config: dict, result: dict,
                   error: Optional[str] = None) -> None:
         """Close the trial's record; ``result`` is its last report (per-class lists included)."""
@@ -125,6 +128,9 @@ class BackgroundTracker(Tracker):
 
     def log(self, *args) -> None:
         self._put(self.inner.log, *args)
+
+    def wait_trial(self, *args) -> None:
+        self._put(self.inner.wait_trial, *args)
 
     def end_trial(self, *args) -> None:
         self._put(self.inner.end_trial, *args)

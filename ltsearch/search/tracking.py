@@ -24,6 +24,7 @@ from ltsearch.search.tracker import Tracker, TrackingError
 log = logging.getLogger(__name__)
 
 TAG_PARENT = "mlflow.parentRunId"
+TAG_WAITING = "ltsearch.waiting"  # "true" while the rungs pause a trial, "false" once it waited
 
 
 def prepare_environment() -> None:
@@ -275,6 +276,10 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         self.client.log_batch(self.runs[trial_id], metrics=[
             Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def wait_trial(self, trial_id: str, waiting: bool) -> None:
+        # MLflow has no paused status: the run stays RUNNING, its tag says it holds no worker
+        self.client.set_tag(self.runs[trial_id], TAG_WAITING, str(waiting).lower())
 
     def end_trial(self, trial_id: str, status: str, config: dict, result: dict,
                   error: Optional[str] = None) -> None:
