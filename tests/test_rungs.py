@@ -177,7 +177,7 @@ def test_rung_settings_are_checked():
 def test_the_default_rungs_train_an_eighth_of_the_run_and_at_least_four_epochs():
     """The default first rung is 1/8 of the run (CIFAR-10-LT's 30-epoch benchmark: ρ 0.70 by the
     mean, top 3 kept in 96 % of seeds at 49 % of the compute) but never under 4 epochs (2 epochs of
-    a 16-epoch digits run end its two-stage recipes near chance): of the shortest run a searched
+    a 16-epoch digits run end its two-stage recipes far below their end): of the shortest run a searched
     train.epochs allows, as every trial is judged on the same rungs. Given rungs are kept."""
     from ltsearch.runconfig import compressed, config_from_dict
     from ltsearch.search.space import parse_search_file
