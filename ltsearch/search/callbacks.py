@@ -101,19 +101,25 @@ class SearchCallback(Callback):
         old = rec.trials.get(trial.trial_id, {})
         self._open(trial)
         now = time.time()
-        if old.get("status") == "WAITING":
-            self.tracker.wait_trial(trial.trial_id, False)
-        # a trial its rungs paused goes on: it keeps its start (the order trials began, the
-        # report's timeline), and the time it waited holding no worker is counted apart
-        waited = old.get(WAITED_S, 0.0) + (now - old[PAUSED_AT] if old.get("status") == "WAITING" else 0.0)
+        waited = self._waited(trial.trial_id, old, now)
         self._timed(rec, trial.trial_id, began, method=self.space.label(cfg), config=cfg,
                     status="RUNNING", epochs=old.get("epochs", 0), total_epochs=old.get("total_epochs"),
                     metrics=old.get("metrics", {}), node_id=old.get("node_id"), error=None,
                     **{k: old.get(k) for k in (RUNG, BUDGETS, RUNG_VALUES)},
-                    started_at=old["started_at"] if old.get("status") == "WAITING" else now,
-                    **{WAITED_S: waited, PAUSED_AT: None},
+                    # a trial its rungs paused goes on: it keeps its start (the order trials
+                    # began, the report's timeline); the time it held no worker counts apart
+                    started_at=old["started_at"] if waited else now,
+                    **(waited or {WAITED_S: old.get(WAITED_S, 0.0), PAUSED_AT: None}),
                     params=dict(trial.config), backbone=self.backbone or None,
                     **confirmation(trial.config))
+
+    def _waited(self, trial_id: str, old: dict, now: float) -> dict:
+        """A trial's rungs paused it and it goes on or stops now: the record's time waited, and
+        the tracker is told it waits no more; {} for a trial that was not waiting."""
+        if old.get("status") != "WAITING":
+            return {}
+        self.tracker.wait_trial(trial_id, False)
+        return {WAITED_S: old.get(WAITED_S, 0.0) + now - old[PAUSED_AT], PAUSED_AT: None}
 
     def on_step_end(self, iteration, trials, **info):
         for trial in trials:  # (Tune has no pause event for callbacks)
@@ -142,13 +148,10 @@ class SearchCallback(Callback):
         began = time.perf_counter()
         rec = self.records
         self._open(trial)
-        now, old = time.time(), rec.trials.get(trial.trial_id, {})
-        if old.get("status") == "WAITING":
-            self.tracker.wait_trial(trial.trial_id, False)
+        now = time.time()
+        waited = self._waited(trial.trial_id, rec.trials.get(trial.trial_id, {}), now)
         self.tracker.end_trial(trial.trial_id, status, self._config(trial), trial.last_result or {},
                                error)
-        waited = {WAITED_S: old.get(WAITED_S, 0.0) + now - old[PAUSED_AT], PAUSED_AT: None} \
-            if old.get("status") == "WAITING" else {}  # stopped where it waited
         self._timed(rec, trial.trial_id, began, status=status, error=error, ended_at=now, **waited)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
