@@ -91,8 +91,8 @@ def measure(base: dict, recipes: dict[str, dict], seeds: int, fractions: list[fl
     print(f"data: {data.summary()}", file=sys.stderr)
     short = [f for f in fractions if f < 1.0]
     runs: dict = {}
-    for name, method in recipes.items():
-        for seed in range(seeds):
+    for seed in range(seeds):  # a seed of every recipe at a time: a cut-off save holds whole seeds
+        for name, method in recipes.items():
             if done and len(done.get(name, [])) > seed and done[name][seed]["fractions"] == short:
                 runs.setdefault(name, []).append(done[name][seed])
                 continue
@@ -136,7 +136,7 @@ def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide,
     paused, its slot to the next trial; it resumes at its next rung, or at this one's start if
     this report began it). ``waited(name)`` says a waiting trial's turn: GO, STOP or None (wait
     on); waiting trials that rank in go before new ones, as the search's scheduler picks them.
-    Returns the epochs each trial trained and whether it reached its end."""
+    Returns the epochs each trial trained, whether it reached its end, and the time it all took."""
     from ltsearch.search.rungs import GO, STOP, WAIT
 
     waiting = list(order)
@@ -178,7 +178,7 @@ def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide,
         start()
     for name in held:  # (none: the last rung value settles every rung)
         ended[name] = False
-    return {"trained": trained, "ended": ended}
+    return {"trained": trained, "ended": ended, "clock": clock}
 
 
 def replay_asha(runs: dict, seed: int, order: list[str], slots: int, grace: int, rf: float) -> dict:
@@ -197,11 +197,18 @@ def replay_asha(runs: dict, seed: int, order: list[str], slots: int, grace: int,
         None, trials[n], steps[n][i][1]) == "STOP" else "go", slots)
 
 
+def replay_all(runs: dict, seed: int, order: list[str], slots: int) -> dict:
+    """Every recipe trained to its end, ``slots`` at a time: what the compute and the time of a
+    scheduler are compared with."""
+    steps = {n: [(s, {}) for s in runs[n][seed]["full"]["seconds"]] for n in order}
+    return replay(order, steps, lambda n, i: "go", slots)
+
+
 def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
                  fractions: list[float], wait: bool = True) -> dict:
     """The search's rungs (:class:`ltsearch.search.rungs.Rungs`, as its scheduler uses them) on
-    one seed's runs; ``wait``: a trial ranked out before its rung is settled waits (else it
-    stops at once, as the search did before 2026-12-03)."""
+    one seed's runs; ``wait``: a trial waits until its rung ranks it in or out for good (else
+    decided at once on the values so far, as the search did before 2026-12-03)."""
     from ltsearch.search.rungs import BUDGETS, RUNG_VALUES, Rungs
 
     rungs = Rungs(rf, "max")
@@ -219,18 +226,20 @@ def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
     total = len(fractions)
     out = {n: False for n in order}  # ended for good before its last rung
 
-    def settled(k):  # every trial has ended rung k or ended for good
-        return not wait or all(rungs.ended(n, k) or out[n] for n in order)
+    def most(k):  # the trials that have ended rung k or may still: all but those ended before
+        if not wait:  # decided at once: on the values so far
+            return len(rungs.values[k])
+        return sum(rungs.ended(n, k) or not out[n] for n in order)
 
     def decide(n, i):
         report = steps[n][i][1]
         verdict = rungs.verdict(n, report[RUNG_VALUES], total, report["ends_rung"] or report["first"],
-                                settled)
+                                most)
         out[n] = out[n] or (verdict == "stop" and i + 1 < len(steps[n]))
         return verdict
 
     def waited(n):
-        turn = rungs.waited(n, total, settled)
+        turn = rungs.waited(n, total, most)
         out[n] = out[n] or turn == "stop"
         return turn
 
@@ -241,15 +250,17 @@ def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
 # What they decided, against full training
 
 def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict],
-          truth: str = "seed", first_run: dict | None = None) -> dict:
+          truth: str = "seed", first_run: dict | None = None, alls: list[dict] = ()) -> dict:
     """What a scheduler decided against full training: each seed's own final values
     (``truth="seed"``), or their mean over the seeds (``"mean"``: what training every recipe
     K times says, with the noise of one run averaged out). ``first_run``: the epochs of each
     recipe's first rung run, which runs its deferred part too (the rungs); None: a truncated
-    run (old ASHA) runs it only past the epoch it starts at."""
+    run (old ASHA) runs it only past the epoch it starts at. ``alls``: each seed's
+    :func:`replay_all`, the time the scheduler's is compared with."""
     names = list(runs)
     mean_final = {n: statistics.mean(r["full"]["curve"][-1] for r in runs[n][:seeds]) for n in names}
     rho, top1, top3, share, cut = [], [], [], [], []
+    wall = [o["clock"] / a["clock"] for o, a in zip(outcomes, alls)]
     for seed, (outcome, first) in enumerate(zip(outcomes, first_values)):
         final = (mean_final if truth == "mean" else
                  {n: runs[n][seed]["full"]["curve"][-1] for n in names})
@@ -268,7 +279,29 @@ def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]
                 "" if not deferred else " (after a run with its deferred part)" if ran else
                 f" (before its deferred part, due at epoch {deferred + 1})"))
     return {"rho": statistics.mean(rho), "top1": statistics.mean(top1), "top3": statistics.mean(top3),
-            "share": statistics.mean(share), "cut": cut}
+            "share": statistics.mean(share), "cut": cut,
+            "wall": statistics.mean(wall) if wall else None}
+
+
+def another_seed_deciding(runs: dict, seeds: int, rf: float) -> tuple[float, float] | None:
+    """A reference for the top-3 share: the full runs kept (⌈N/η⌉, as the rungs keep) chosen by
+    another seed's full training, a decision value as good as training to the end. How often
+    they hold a seed's own top 3, and the top 3 by the mean of the other seeds (the deciding
+    seed left out); None with one seed."""
+    if seeds < 2:
+        return None
+    names = list(runs)
+    final = lambda n, s: runs[n][s]["full"]["curve"][-1]  # noqa: E731
+    keep = math.ceil(len(names) / rf)
+    own, mean = [], []
+    for t in range(seeds):  # the deciding seed
+        kept = set(sorted(names, key=lambda n: -final(n, t))[:keep])
+        others = [s for s in range(seeds) if s != t]
+        by_mean = sorted(names, key=lambda n: -statistics.mean(final(n, s) for s in others))
+        mean.append(len(kept & set(by_mean[:3])) / 3)
+        own.extend(len(kept & set(sorted(names, key=lambda n: -final(n, s))[:3])) / 3
+                   for s in others)
+    return statistics.mean(own), statistics.mean(mean)
 
 
 def main(argv=None) -> int:
@@ -348,7 +381,9 @@ def main(argv=None) -> int:
     old_first = [{n: runs[n][s]["full"]["curve"][args.asha_grace - 1] for n in names} for s in range(seeds)]
     new_first = [{n: rung_runs(runs[n][s], fractions)[0]["curve"][-1] for n in names} for s in range(seeds)]
     first_run = {n: len(rung_runs(runs[n][0], fractions)[0]["curve"]) for n in names}
-    a, b = judge(runs, seeds, old, old_first), judge(runs, seeds, new, new_first, first_run=first_run)
+    alls = [replay_all(runs, s, names, args.slots) for s in range(seeds)]
+    a = judge(runs, seeds, old, old_first, alls=alls)
+    b = judge(runs, seeds, new, new_first, first_run=first_run, alls=alls)
     am, bm = (judge(runs, seeds, old, old_first, "mean"),
               judge(runs, seeds, new, new_first, "mean", first_run))
 
@@ -369,7 +404,8 @@ def main(argv=None) -> int:
     rows = [("Spearman ρ, first decision value vs final", "rho", "{:.2f}"),
             ("full-training top-1 reaches its end", "top1", "{:.0%}"),
             ("full-training top-3 reach their end", "top3", "{:.0%}"),
-            ("compute, share of training all to the end", "share", "{:.0%}")]
+            ("compute, share of training all to the end", "share", "{:.0%}"),
+            (f"time, share of training all to the end ({args.slots} at a time)", "wall", "{:.0%}")]
     for label, key, fmt in rows:
         print(f"{label:<44}{fmt.format(a[key]):>10} {fmt.format(b[key]):>10}")
     if seeds > 1:
@@ -387,7 +423,11 @@ def main(argv=None) -> int:
         ceiling = statistics.mean(spearman([runs[n][s]["full"]["curve"][-1] for n in names],
                                            [runs[n][t]["full"]["curve"][-1] for n in names])
                                   for s, t in pairs)
-        print(f"(full training against itself: ρ between two seeds' final values {ceiling:.2f})")
+        own, by_mean = another_seed_deciding(runs, seeds, args.rf)
+        print(f"(full training against itself: ρ between two seeds' final values {ceiling:.2f}; "
+              f"the {math.ceil(len(names) / args.rf)} full runs another seed's full training would "
+              f"keep hold the top 3 in {own:.0%} (own seed) / {by_mean:.0%} (mean of the others): "
+              f"what a decision value as good as another full run reaches)")
     for label, verdict in (("old", a), ("new", b), ("old, by the mean", am), ("new, by the mean", bm)):
         print(f"the best recipe at the end cut early ({label}): " + ("; ".join(verdict["cut"]) or "never"))
     return 0

@@ -184,6 +184,11 @@ class Hold:
     def reached(self, name: str) -> bool:
         return (self.folder / f"held-{name}").exists()
 
+    def trainers(self) -> list[str]:
+        """The Tune trial of each trainer built so far, by ordinal."""
+        count = len(list(self.folder.glob("trainer-*")))
+        return [(self.folder / f"trainer-{i}").read_text() for i in range(count)]
+
     def pid(self, name: str) -> int:
         """The process of the trainer held at ``name``."""
         return int((self.folder / f"held-{name}").read_text())

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import fresh_store, proc_stat, tiny_search
+from conftest import Hold, fresh_store, proc_stat, tiny_search
 from ltsearch.cli import main
 from procs import _wait
 
@@ -413,13 +413,16 @@ def test_sigterm_is_a_clean_stop_and_resume_finishes(tmp_path, ray_local):
            "--name", "t", "--tracking-uri", uri]
     folder = tmp_path / "searches" / "t"
     log = tmp_path / "driver.log"
-    driver = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV,
-                              start_new_session=True)
+    hold = Hold(tmp_path / "hold")  # the driver's own Ray's workers inherit it
+    hold.at("0-1")  # the first trial after its first epoch: it cannot end before the signal
+    driver = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              env=hold.env(ENV), start_new_session=True)
     try:
         end = time.time() + 300
         while time.time() < end:
             trials = _trials(folder) if (folder / "trials.json").is_file() else {}
-            if any(r["status"] == "RUNNING" and r.get("epochs") for r in trials.values()):
+            if hold.reached("0-1") and any(r["status"] == "RUNNING" and r.get("epochs")
+                                           for r in trials.values()):
                 break
             time.sleep(0.3)
         else:

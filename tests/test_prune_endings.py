@@ -31,15 +31,16 @@ def test_a_driver_killed_anywhere_around_a_prune_resumes_to_what_an_unbroken_sea
     uri = fresh_store(tmp_path)
     die = Hold(tmp_path / "hold")  # the driver's own hook folder; its trials run on the session's Ray
     die.fault(f"die-{point}")
-    session_hold.at("2-0")  # trainers: logit_adjust's rung run, its full run, then ce's
+    session_hold.at("1-0")  # trainers: logit_adjust's rung run (it waits, its place at the
+    #                         rung unknown), ce's (pruned: logit_adjust in), logit_adjust's full run
     cmd = [str(BIN / "ltsearch"), "search", str(path), "--storage", str(tmp_path / "searches"),
            "--name", "p", "--tracking-uri", uri]
     folder = tmp_path / "searches" / "p"
     driver = _start(cmd + ["--address", ray_address], tmp_path / "first.log", env=die.env(_env()))
     try:
-        held = _held(session_hold, "2-0", folder)
+        held = _held(session_hold, "1-0", folder)
         assert _trials(folder)[held]["method"] == "ce"
-        session_hold.release("2-0")
+        session_hold.release("1-0")
         driver.wait(300)
     finally:
         _stop(driver)

@@ -182,7 +182,9 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
                           asha={"rungs": [0.5, 1.0], "reduction_factor": 2})
     uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
+    hold = session_hold
     _here(whole_cmd[1:], capsys)
+    trainers = hold.trainers()  # the trial of each rung run, in the order they ran
     expected = {r["method"]: r for r in _trials(whole).values()}
     assert {r["status"] for r in expected.values()} == {"COMPLETED", "PRUNED"}
     order = sorted(expected.values(), key=lambda r: r["started_at"])
@@ -190,13 +192,14 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     later = [r for i, r in enumerate(order) if i >= 2 and len(r["rung_values"]) > 0
              and r["epochs"] > r["budgets"][0]]
     assert later, [(r["method"], r["status"], r["rung_values"]) for r in order]
-    method, place = later[0]["method"], order.index(later[0])
+    method = later[0]["method"]
 
     cmd, folder = _search_cmd(tmp_path, data, "cut", uri)
-    # a trainer per rung run: the earlier trials', then this one's rung 0; hold its full run
-    # (the next trainer) after its first epoch. The driver joins the session's Ray.
-    name = f"{sum(len(r['rung_values']) for r in order[:place]) + 1}-1"
-    hold = session_hold
+    # a trainer per rung run, in the order the whole search ran them (a trial that waits runs
+    # its full run after later trials' first): hold this one's full run, its second trainer,
+    # after its first epoch. The driver joins the session's Ray.
+    full_run = [i for i, t in enumerate(trainers) if t == later[0]["trial_id"]][1]
+    name = f"{full_run}-1"
     hold.clear()  # the whole search's trainers counted
     hold.at(name)
     code, log = _ctrl_c(cmd + ["--address", ray_address], tmp_path / "first.log",

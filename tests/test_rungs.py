@@ -69,43 +69,90 @@ def test_a_rung_keeps_its_best_third():
     assert low.kept("t0", 2) and not low.kept("t2", 2)
 
 
-def test_a_trial_promoted_on_an_empty_rung_is_stopped_once_outranked():
-    """The first trial meets an empty rung and goes on; when later trials end that rung better,
-    its next report stops it: meeting empty rungs is no advantage."""
+def test_a_trial_goes_on_or_stops_once_its_rung_ranks_it_for_good_and_waits_until_then():
+    """⌈m/η⌉ of the m trials that end a rung go on. Four will end rung 0 (η 2: two go on); a
+    trial's place is known once the trials still to end the rung cannot change it."""
+    most = {0: 4}
     rungs = Rungs(2.0)
-    assert rungs.decide("first", [0.4], 2)  # alone at rung 0
-    assert rungs.decide("first", [0.4], 2)  # a report of its full run, still alone
-    assert rungs.decide("second", [0.8], 2)
-    assert not rungs.decide("first", [0.4], 2)  # ⌈2/2⌉ = 1 goes on: the second
-    assert rungs.decide("second", [0.8, 0.9], 2)  # ended its last rung
-
-
-def test_a_trial_ranked_out_before_its_rung_is_settled_waits_and_goes_on_once_it_ranks_in():
-    """Halving decided at once stops a trial on a rung's first values for good; ⌈n/η⌉ grows
-    with n, so a trial out among the first few can be in among all. It waits instead, goes on
-    when later trials end the rung worse, and stops only once the rung is settled."""
-    settled = {0: False}
-    rungs = Rungs(2.0)
-    assert rungs.verdict("a", [0.9], 2, True, settled.get) == GO  # alone: in
-    assert rungs.verdict("b", [0.5], 2, True, settled.get) == WAIT  # ⌈2/2⌉ = 1: out, for now
-    assert rungs.waited("b", 2, settled.get) is None
-    assert rungs.verdict("c", [0.3], 2, True, settled.get) == WAIT  # ⌈3/2⌉ = 2: a and b
-    assert rungs.waited("b", 2, settled.get) == GO  # b ranks in: it goes on
-    assert rungs.waited("c", 2, settled.get) is None
-    settled[0] = True  # every trial has ended rung 0
-    assert rungs.verdict("d", [0.1], 2, True, settled.get) == STOP  # out, and it is final
-    assert rungs.waited("c", 2, settled.get) == STOP
-    assert rungs.verdict("b", [0.5, 0.8], 2, False, settled.get) == GO  # its full run's end
-    # decided at once (every rung settled), b would have stopped when it ended rung 0
+    assert rungs.verdict("a", [0.5], 2, True, most.get) == WAIT  # alone: three more may beat it
+    assert rungs.verdict("b", [0.4], 2, True, most.get) == WAIT  # one better, two to come
+    assert rungs.verdict("c", [0.9], 2, True, most.get) == GO  # at most one more can beat it
+    assert rungs.waited("b", 2, most.get) == STOP  # two better: out whatever the last one does
+    assert rungs.waited("a", 2, most.get) is None  # one better, one to come
+    assert rungs.verdict("d", [0.1], 2, True, most.get) == STOP  # three better
+    assert rungs.waited("a", 2, most.get) == GO  # the rung is settled: a is second of four
+    assert rungs.verdict("a", [0.5, 0.8], 2, False, most.get) == GO  # its full run's end
+    # a trial that ends without reaching the rung (failed, stopped) lowers m, and ⌈m/η⌉ with it
+    fewer, most = Rungs(2.0), {0: 3}
+    assert fewer.verdict("a", [0.5], 2, True, most.get) == WAIT  # ⌈3/2⌉ = 2, two may beat it
+    assert fewer.verdict("b", [0.4], 2, True, most.get) == WAIT
+    assert fewer.waited("a", 2, most.get) == GO
+    most[0] = 2  # the third trial failed before its rung's end: ⌈2/2⌉ = 1
+    assert fewer.waited("b", 2, most.get) == STOP
+    # decided at once (wait: false): on the values so far, b would have stopped on a's value
     at_once = Rungs(2.0)
-    assert at_once.verdict("a", [0.9], 2, True, lambda k: True) == GO
-    assert at_once.verdict("b", [0.5], 2, True, lambda k: True) == STOP
-    # later in a run an outranked trial stops: it went on while its rung was nearly empty
+    so_far = lambda k: len(at_once.values[k])  # noqa: E731
+    assert at_once.verdict("a", [0.9], 2, True, so_far) == GO
+    assert at_once.verdict("b", [0.5], 2, True, so_far) == STOP
+    # later in a run, a trial that went on on the values so far stops once they outrank it
     late = Rungs(2.0)
-    assert late.verdict("a", [0.5], 2, True, lambda k: False) == GO
-    assert late.verdict("b", [0.9], 2, True, lambda k: False) == GO
-    assert late.verdict("a", [0.5], 2, False, lambda k: False) == STOP
-    assert late.verdict("a", [0.5], 2, True, lambda k: False) == WAIT  # (a resumed run's first)
+    so_far = lambda k: len(late.values[k])  # noqa: E731
+    assert late.verdict("a", [0.5], 2, True, so_far) == GO
+    assert late.verdict("b", [0.9], 2, True, so_far) == GO
+    assert late.verdict("a", [0.5], 2, False, so_far) == STOP
+    assert late.verdict("a", [0.5], 2, True, lambda k: 3) == WAIT  # (a resumed run's first report)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in(seed):
+    """Eight trials, rungs [r0, r1, full], η 2, their rungs ending in a random interleaving (as
+    workers finish them): the trials that go on from each rung are those synchronous successive
+    halving keeps (the best ⌈m/η⌉ of the m that ended it), none that went on is stopped later,
+    and every trial's decision comes from the rule (none waits at the end)."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    n, eta = 8, 2.0
+    values = {f"t{i}": [rng.random() for _ in range(3)] for i in range(n)}
+    rungs = Rungs(eta)
+    ended = {t: 0 for t in values}  # how many rungs each trial has ended
+    fate: dict[str, str] = {}  # trial → "end" or "stop"
+    waiting, running = set(), set(values)
+
+    def most(k):  # all but the trials stopped before ending rung k
+        return sum(ended[t] > k or fate.get(t) != "stop" for t in values)
+
+    def went_on(t):  # a trial's next rung starts: its run goes on, and no report stops it
+        running.add(t)
+        assert rungs.verdict(t, values[t][:ended[t]], 3, False, most) == GO
+
+    while running:
+        t = rng.choice(sorted(running))
+        ended[t] += 1
+        running.discard(t)
+        verdict = rungs.verdict(t, values[t][:ended[t]], 3, True, most)
+        if ended[t] == 3:
+            fate[t] = "end"
+        elif verdict == GO:
+            went_on(t)
+        elif verdict == STOP:
+            fate[t] = "stop"
+        else:
+            waiting.add(t)
+        for w in sorted(waiting):
+            turn = rungs.waited(w, 3, most)
+            if turn is not None:
+                waiting.discard(w)
+                if turn == GO:
+                    went_on(w)
+                else:
+                    fate[w] = "stop"
+    assert not waiting
+    kept = sorted(values)
+    for k in range(2):  # synchronous halving: each rung keeps the best ⌈m/η⌉ of the m there
+        kept = sorted(kept, key=lambda t: -values[t][k])[:math.ceil(len(kept) / eta)]
+    assert sorted(t for t, f in fate.items() if f == "end") == sorted(kept)
 
 
 def test_crafted_curves_old_asha_prunes_the_late_recipe_the_rungs_keep_it():

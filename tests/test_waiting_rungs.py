@@ -1,7 +1,8 @@
 """The rungs' waiting in real Ray Tune and Optuna, on crafted rung values (a trainable that
-reports them, no training): Tune pauses a trial ranked out before its rung is settled, resumes
-it from its rung-end checkpoint when later trials rank it in, and stops a waiting trial once its
-rung settles with it out, PRUNED in the study with the value its rung ended with."""
+reports them, no training): Tune pauses a trial whose place at its rung is not known yet,
+resumes it from its rung-end checkpoint once later trials leave it in for good, and stops a
+waiting trial once they rank it out for good, PRUNED in the study with the value its rung ended
+with."""
 import json
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from ltsearch.search.rungs import BUDGETS, RUNG, RUNG_VALUE, RUNG_VALUES
 from ltsearch.search.scheduler import RungScheduler
 
 # each trial's value at the end of rung 0 and of its full run, in the order the trials start
-VALUES = [(0.9, 0.95), (0.5, 0.6), (0.4, 0.45), (0.1, 0.15)]
+VALUES = [(0.4, 0.45), (0.5, 0.6), (0.9, 0.95), (0.1, 0.15)]
 
 
 def _define(trial):  # (module level: Tune pickles the searcher with its space)
@@ -35,7 +36,8 @@ def _search(tmp_path, wait: bool):
     def trainable(config):
         seen = {r["params"]["i"]: r["status"] for r in
                 json.loads((kept / "trials.json").read_text()).values() if r["params"]["i"] != config["i"]}
-        (kept / f"seen-{config['i']}.json").write_text(json.dumps(seen))
+        if not (kept / f"seen-{config['i']}.json").exists():  # (its first start, not a resume)
+            (kept / f"seen-{config['i']}.json").write_text(json.dumps(seen))
         start = 0
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -78,36 +80,38 @@ def _seen(tmp_path, i: int) -> dict:
     return {int(k): v for k, v in json.loads((tmp_path / f"seen-{i}.json").read_text()).items()}
 
 
-def test_a_waiting_trial_goes_on_when_it_ranks_in_and_stops_when_its_rung_settles(ray_local, tmp_path):
+def test_a_waiting_trial_goes_on_once_in_for_good_and_stops_once_out_for_good(ray_local, tmp_path):
+    """Four trials, η 2: the best two of rung 0 go on. Trial 0 (0.4) and trial 1 (0.5) wait,
+    three trials still to come; trial 2 (0.9) ends it with at most one to come: in for good,
+    and trial 0, two below, out for good; trial 3 (0.1) is out at once, and settles trial 1 in."""
     reports, told, records = _search(tmp_path, wait=True)
-    # trial 1 (0.5) is out when it ends rung 0 (⌈2/2⌉ = 1 of two), in once trial 2 ends it
-    # worse (⌈3/2⌉ = 2): it waited, and its full run came after trial 2's rung
-    assert [r for r, _ in reports[1]] == [0, 1]  # rung 0 once: resumed at its next rung
-    assert reports[1][1][1] > reports[2][0][1]
     assert {i: state for i, (state, _) in told.items()} == {
-        0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED", 3: "PRUNED"}
-    # trial 2 waited too, and stopped when the last trial settled the rung with it out
-    assert told[2][1] == {0: 0.4} and told[3][1] == {0: 0.1}
-    assert [r for r, _ in reports[2]] == [0] and [r for r, _ in reports[3]] == [0]
+        0: "PRUNED", 1: "COMPLETE", 2: "COMPLETE", 3: "PRUNED"}
+    assert told[0][1] == {0: 0.4} and told[3][1] == {0: 0.1}
+    assert [r for r, _ in reports[0]] == [0] and [r for r, _ in reports[3]] == [0]
+    assert [r for r, _ in reports[1]] == [0, 1]  # rung 0 once: resumed at its next rung
+    assert reports[1][1][1] >= reports[3][0][1]  # (Tune's timestamps: whole seconds)
     # trials.json said so while they waited (no worker, not RUNNING), and ended as the study did
-    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "WAITING"}
-    seen = _seen(tmp_path, 3)  # (trial 1 went on before trial 3 started, or after)
-    assert (seen[0], seen[2]) == ("COMPLETED", "WAITING")
+    assert _seen(tmp_path, 1) == {0: "WAITING"}
+    assert _seen(tmp_path, 2) == {0: "WAITING", 1: "WAITING"}
+    assert _seen(tmp_path, 3) == {0: "PRUNED", 1: "WAITING", 2: "COMPLETED"}
     assert {i: r["status"] for i, r in records.items()} == {
-        0: "COMPLETED", 1: "COMPLETED", 2: "PRUNED", 3: "PRUNED"}
+        0: "PRUNED", 1: "COMPLETED", 2: "COMPLETED", 3: "PRUNED"}
     # a trial that went on kept its first start (the order trials began); the time it held no
     # worker is counted apart: from its rung's end to its next start, or to its stop
     assert [i for i, _ in sorted(records.items(), key=lambda x: x[1]["started_at"])] == [0, 1, 2, 3]
-    assert records[1]["waited_s"] > 0 and records[2]["waited_s"] > 0
-    assert records[0]["waited_s"] == 0 and records[3]["waited_s"] == 0
-    rung_end = {i: reports[i][0][1] for i in (1, 2)}  # Tune's timestamps: whole seconds
+    assert records[0]["waited_s"] > 0 and records[1]["waited_s"] > 0
+    assert records[2]["waited_s"] == 0 and records[3]["waited_s"] == 0
+    rung_end = {i: reports[i][0][1] for i in (0, 1)}
     assert records[1]["waited_s"] <= reports[1][1][1] - rung_end[1] + 1
-    assert records[2]["waited_s"] <= records[2]["ended_at"] - rung_end[2] + 1
+    assert records[0]["waited_s"] <= records[0]["ended_at"] - rung_end[0] + 1
 
 
-def test_decided_at_once_the_second_trial_stops_for_good(ray_local, tmp_path):
+def test_decided_at_once_the_first_trial_meets_an_empty_rung_and_runs_to_its_end(ray_local, tmp_path):
+    """``wait: false``: on the values so far trial 0 is alone at rung 0 and trains its full run,
+    though three of four end the rung better; trial 1 is in, trial 3 out, at once."""
     reports, told, records = _search(tmp_path, wait=False)
     assert {i: state for i, (state, _) in told.items()} == {
-        0: "COMPLETE", 1: "PRUNED", 2: "PRUNED", 3: "PRUNED"}
-    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "PRUNED"}  # it never waited
+        0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "PRUNED"}
+    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "COMPLETED"}  # none waited
     assert all(r["waited_s"] == 0 for r in records.values())

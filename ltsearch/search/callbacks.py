@@ -327,7 +327,7 @@ class ProgressCallback(Callback):
                 self.waiting.add(trial.trial_id)
                 self._say(f"waits    {trial.trial_id[-8:]}  "
                           f"{rungs_said(trial.last_result or {}, self.space.settings)}, until "
-                          f"the trials still to end that rung do")
+                          f"its place at that rung is known")
         if self.tty and self.clock() - self.drawn >= 1.0:  # the clock moves on a terminal
             self.drawn = self.clock()
             self.out.write("\r\033[K" + self._bar())

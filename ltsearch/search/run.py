@@ -58,7 +58,7 @@ def make_scheduler(settings, records: Optional[dict] = None):
 
     if len(settings.asha.fractions()) < 2:
         return FIFOScheduler()
-    waits = settings.asha.wait  # a trial ranked out on an unsettled rung waits (paused)
+    waits = settings.asha.wait  # a trial waits (paused) until its rung ranks it for good
     scheduler = RungScheduler(settings.asha.reduction_factor, settings.mode,
                               settings.num_samples if waits else None, settings.max_concurrent)
     scheduler.restore_records(records or {})

@@ -9,18 +9,23 @@ place, a second stage shortens alike, the schedule decays to its end), so its en
 as full training does (``scripts/bench_fidelity.py`` measures how well).
 
 The rule, for a trial whose reports carry the values its runs ended with (``rung_values``):
-it goes on while, at every rung it has ended, it is among the best ⌈n/η⌉ of the n trials that
-ended that rung so far. A rung is never decided on few values for good, either way:
+after each rung a trial goes on only if it is among the best ⌈m/η⌉ of the m trials that end
+that rung, and it goes on only once that is **known**. While trials may still end a rung (the
+search has trials to start, or trials that have not ended it), a trial's place there is known
+only sometimes: it is in for good when it would stay in even if every trial still to end the
+rung ended it better, out for good once ⌈m/η⌉ trials (m at its largest) ended it better. Until
+one is known it **waits** (Tune pauses it; it holds no worker). So:
 
-- a trial promoted while a rung was nearly empty is stopped at its next report once later trials
-  outrank it there, so the first trials (the enqueued ones) gain nothing from meeting empty rungs;
-- a trial ranked out at the end of a rung that is not yet *settled* (trials still to end it)
-  **waits** instead of stopping (Tune pauses it; it holds no worker): later trials may end the
-  rung worse, and ⌈n/η⌉ grows with n. It goes on as soon as it ranks in, and stops once the rung
-  is settled with it still out. Asynchronous halving without this stops for good on a rung's
-  first few values: on CIFAR-10-LT (``scripts/bench_fidelity.py``, 8 seeds) the full-training
-  top 3 reached their end in 79 % of the seeds decided at once, 92 % waiting (rungs at 0.25;
-  compute 58 → 66 %).
+- the trials that reach their end are the ones synchronous successive halving keeps, the best
+  ⌈m/η⌉ of each rung, whatever order the trials start and end in and however many run at a
+  time: the first trials (the enqueued ones) gain nothing from meeting empty rungs, and no
+  trial is stopped for good on a rung's first few values;
+- no compute goes to a longer run that a later trial would have cut. Until 2026-12-03 evening
+  a trial went on while it ranked in *so far* and was stopped at its next report once later
+  trials outranked it, waiting only while ranked out (``wait: false`` decides at once on the
+  values so far): on CIFAR-10-LT (``scripts/bench_fidelity.py``, 8 seeds, the default rungs)
+  that spent 49 % of the compute of training every recipe to its end, this rule 45 %, with the
+  same share of the full-training top 3 reaching their end.
 
 Decisions depend on the values recorded only, so a resumed search (the records rebuilt from
 ``trials.json``) decides as an uninterrupted one.
@@ -45,8 +50,8 @@ GO, STOP, WAIT = "go", "stop", "wait"  # the scheduler's decisions (WAIT: Tune p
 
 
 # The default rungs: the first at 1/8 of the run, where on CIFAR-10-LT (30 epochs, 8 seeds) it ranks
-# recipes at ρ 0.70 against the mean of full training and keeps the top 3 in 96 % of seeds at 49 %
-# of the compute (1/4: 0.80, 92 %, 66 %); but never under 4 epochs: 2 of a 16-epoch digits run end
+# recipes at ρ 0.70 against the mean of full training and keeps the top 3 in 96 % of seeds at 45 %
+# of the compute (1/4: 0.80, 88 %, 60 %); but never under 4 epochs: 2 of a 16-epoch digits run end
 # its two-stage recipes far below the rest (mislas 0.26, two_stage 0.47; 0.95 both in full) and
 # cut the best recipe in 3 of 6 seeds (``scripts/bench_fidelity.py``, README).
 FIRST_RUNG, FIRST_RUNG_EPOCHS = 0.125, 4
@@ -64,8 +69,9 @@ class AshaSettings:
                   f"least {FIRST_RUNG_EPOCHS} epochs of the shortest run the space allows; none "
                   f"when that is the whole run)")
     reduction_factor: float = spec(3.0, gt=1.0, doc="a rung keeps its best 1/η")
-    wait: bool = spec(True, doc="a trial ranked out before its rung is settled waits (paused) "
-                                "instead of stopping; false: every decision is final at once")
+    wait: bool = spec(True, doc="a trial goes on or stops once its rung ranks it in or out for "
+                                "good, and waits (paused) until then; false: decided at once "
+                                "on the values so far")
     grace_period: Optional[int] = spec(None, doc="removed: rungs are fractions of a complete "
                                                  "run (asha.rungs)")
 
@@ -137,25 +143,43 @@ class Rungs:
         better = sum(v > rung[trial_id] for v in rung.values())  # ties go on together
         return better < self.cutoff_rank(len(rung))
 
-    def decide(self, trial_id: str, values: list, rungs: int) -> bool:
-        """Record a report's rung values and say whether the trial goes on."""
-        self.record(trial_id, values)
-        return len(values) >= rungs or self.kept(trial_id, rungs)
+    def standing(self, trial_id: str, rungs: int, most: Callable[[int], int]) -> Optional[str]:
+        """GO: the trial ranks in at every rung it has ended (but the last) however the rungs'
+        other trials end them; STOP: one ranks it out for good; None: not known yet.
+        ``most(k)``: the most trials that can end rung k, those that have included (when every
+        trial has, the rung is settled and its ranking final). A rung's cut is ⌈m/η⌉ of the m
+        that end it: with b trials better and at most m − n still to end it, the trial is in
+        for good when b + (m − n) < ⌈m/η⌉, out for good when b ≥ ⌈m/η⌉ (taking the largest
+        m binds both: ⌈m/η⌉ grows more slowly than m)."""
+        known = GO
+        for k, rung in enumerate(self.values[:rungs - 1]):
+            if trial_id not in rung:
+                continue
+            n, m = len(rung), max(most(k), len(rung))
+            better = sum(v > rung[trial_id] for v in rung.values())  # ties go on together
+            if better >= self.cutoff_rank(m):
+                return STOP
+            if better + (m - n) >= self.cutoff_rank(m):
+                known = None
+        return known
 
     def verdict(self, trial_id: str, values: list, rungs: int, at_rung_start: bool,
-                settled: Callable[[int], bool]) -> str:
-        """A report's decision: GO, STOP, or WAIT — the trial ranks out at a rung that is not
-        ``settled`` yet, and the report ends a rung or is the first of one (a trial that waited
-        across a resume; nothing is lost stopping it there). Later in a run an outranked trial
-        stops (it went on while its rung was nearly empty)."""
-        if self.decide(trial_id, values, rungs):
+                most: Callable[[int], int]) -> str:
+        """A report's decision (its rung values recorded): GO, STOP, or WAIT — the report ends a
+        rung or is the first of one (a trial that waited across a resume; nothing is lost
+        pausing it there) and its :meth:`standing` is not known yet. Later in a run (a trial
+        that went on before this rule, or decided at once) it goes on while it ranks in so far."""
+        self.record(trial_id, values)
+        if len(values) >= rungs:
             return GO
-        return WAIT if at_rung_start and not settled(self.out_at(trial_id, rungs)) else STOP
+        standing = self.standing(trial_id, rungs, most)
+        if standing is not None:
+            return standing
+        if at_rung_start:
+            return WAIT
+        return GO if self.kept(trial_id, rungs) else STOP
 
-    def waited(self, trial_id: str, rungs: int, settled: Callable[[int], bool]) -> Optional[str]:
-        """A waiting trial's turn: GO once it ranks in, STOP once the rung it ranks out at is
-        settled, None while neither."""
-        k = self.out_at(trial_id, rungs)
-        if k is None:
-            return GO
-        return STOP if settled(k) else None
+    def waited(self, trial_id: str, rungs: int, most: Callable[[int], int]) -> Optional[str]:
+        """A waiting trial's turn: GO once it ranks in for good, STOP once it ranks out for
+        good, None while neither is known."""
+        return self.standing(trial_id, rungs, most)

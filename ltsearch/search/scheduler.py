@@ -11,13 +11,13 @@ from ltsearch.search.rungs import BUDGETS, GO, RUNG_VALUE, RUNG_VALUES, STOP, WA
 
 
 class RungScheduler(FIFOScheduler):
-    """Stops a trial (PRUNED) once one of its ended rungs ranks it out for good; see
-    :mod:`ltsearch.search.rungs`. A trial ranked out at a rung that is not settled waits, PAUSED
+    """Decides each trial's rungs by :mod:`ltsearch.search.rungs`: a trial goes on once a rung
+    ranks it in for good, is stopped (PRUNED) once one ranks it out for good, and waits, PAUSED
     at the rung's end (its checkpoint holds only the values: the next rung starts from scratch),
-    and is resumed when it ranks in or stopped when the rung settles; Ray Tune's HyperBand
-    pauses and stops its trials the same way. A rung is settled when the search holds all its
-    ``num_samples`` trials and each has ended that rung or ended for good (None: every rung is
-    settled, decisions are final at once, as the search decided before 2026-12-03).
+    while neither is known; Ray Tune's HyperBand pauses and stops its trials the same way. What
+    can still change a rung's ranking is the trials that may still end it: the search's
+    ``num_samples`` less those that ended without it (None: only those that have ended it,
+    decisions at once on the values so far, as the search decided before 2026-12-03).
 
     Tune does not keep a scheduler's state across a resume, so a resumed search rebuilds it from
     the records (:meth:`restore_records`)."""
@@ -39,15 +39,17 @@ class RungScheduler(FIFOScheduler):
 
     # ---------------------------------------------------------------------------------------
 
-    def settled(self, tune_controller, rung: int, ending: Optional[str] = None) -> bool:
-        """Whether no trial can still end the rung (``ending``: a trial Tune is ending now)."""
+    def most(self, tune_controller, rung: int, ending: Optional[str] = None) -> int:
+        """The most trials that can end the rung: the search's ``num_samples`` (those still to
+        come included) but those that ended without it (``ending``: a trial Tune is ending now);
+        None ``num_samples``: those that have ended it (decisions on the values so far)."""
+        ended = len(self.rungs.values[rung]) if rung < len(self.rungs.values) else 0
         if self.num_samples is None or tune_controller is None:
-            return True
+            return ended
         trials = [t for t in tune_controller.get_trials() if CONFIRM_OF not in t.config]
-        if len(trials) < self.num_samples:  # more trials to come
-            return False
-        return all(t.is_finished() or t.trial_id == ending or self.rungs.ended(t.trial_id, rung)
-                   for t in trials)
+        gone = sum((t.is_finished() or t.trial_id == ending)
+                   and not self.rungs.ended(t.trial_id, rung) for t in trials)
+        return max(self.num_samples, len(trials)) - gone
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         values = result.get(RUNG_VALUES)
@@ -56,8 +58,8 @@ class RungScheduler(FIFOScheduler):
         rungs = self.total[trial.trial_id] = len(result[BUDGETS])
         at_start = RUNG_VALUE in result or result.get("rung_epoch") == 1
         verdict = self.rungs.verdict(trial.trial_id, values, rungs, at_start,
-                                     lambda k: self.settled(tune_controller, k))
-        self._turns(tune_controller)  # a new value can rank a waiting trial in, or settle it out
+                                     lambda k: self.most(tune_controller, k))
+        self._turns(tune_controller)  # a new value can rank a waiting trial in or out for good
         return {GO: self.CONTINUE, STOP: self.STOP, WAIT: self.PAUSE}[verdict]
 
     def on_trial_complete(self, tune_controller, trial, result):
@@ -74,8 +76,8 @@ class RungScheduler(FIFOScheduler):
         return ended[-1] if ended else float("-inf")
 
     def _turns(self, tune_controller, ending: Optional[str] = None) -> list:
-        """Stops the waiting trials their settled rungs rank out (PRUNED: Optuna and the
-        records are told through Tune's stop); returns those that rank in, the best first."""
+        """Stops the waiting trials a rung ranks out for good (PRUNED: Optuna and the records
+        are told through Tune's stop); returns those that rank in for good, the best first."""
         if tune_controller is None or self.num_samples is None:
             return []
         going = []
@@ -83,7 +85,7 @@ class RungScheduler(FIFOScheduler):
                    and not t.is_saving and t.trial_id in self.total and t.trial_id != ending]
         for t in sorted(waiting, key=lambda t: -self._last_value(t.trial_id)):
             turn = self.rungs.waited(t.trial_id, self.total[t.trial_id],
-                                     lambda k: self.settled(tune_controller, k, ending))
+                                     lambda k: self.most(tune_controller, k, ending))
             if turn == STOP:
                 tune_controller.stop_trial(t)
             elif turn == GO:
@@ -96,7 +98,7 @@ class RungScheduler(FIFOScheduler):
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PENDING:
                 return trial
-        going = self._turns(tune_controller)  # (stops those settled out: none is left waiting)
+        going = self._turns(tune_controller)  # (stops those out for good)
         running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())
         if going and (self.max_concurrent is None or running < self.max_concurrent):
             return going[0]

@@ -3,7 +3,7 @@ workers inherit it), active only where ``LTSEARCH_TEST_HOLD`` names a folder. A 
 driver at a state it names instead of guessing a window in seconds.
 
 Each trainer a process builds takes the next ordinal of the folder (``trainer-0``, ``trainer-1``,
-… created exclusively, so numbers are unique across processes). Before epoch ``E`` (0-based, so
+… created exclusively, so numbers are unique across processes; each holds its Tune trial's id). Before epoch ``E`` (0-based, so
 after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
 ``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix; it holds the
 process's pid). Delete the hold file to let it go on; nothing waits where the folder has none.
@@ -36,10 +36,12 @@ def _patch(module):
         i = 0
         while True:
             try:
-                os.close(os.open(os.path.join(FOLDER, f"trainer-{i}"), os.O_CREAT | os.O_EXCL))
+                fd = os.open(os.path.join(FOLDER, f"trainer-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 break
             except FileExistsError:
                 i += 1
+        with os.fdopen(fd, "w") as f:
+            f.write(_trial_id())
         self._test_ordinal = i
 
     def held(self):
@@ -57,6 +59,16 @@ def _patch(module):
         return train_epoch(self)
 
     Trainer.__init__, Trainer.train_epoch = __init__, _train_epoch
+
+
+def _trial_id() -> str:
+    """The Tune trial the trainer runs in ('' outside one)."""
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_id() or ""
+    except Exception:
+        return ""
 
 
 def _take(name) -> bool:
