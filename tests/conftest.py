@@ -10,7 +10,7 @@ import time
 # runner (eight processes, ~12 s of CPU a start), and the Ray workers a Ray starts before any
 # task or actor asks for one (about a second of CPU each).
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
-                  OMP_WAIT_POLICY="PASSIVE", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                  HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
                   RAY_prestart_worker_first_driver="0")
 os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 os.environ.pop("RAY_ADDRESS", None)
