@@ -21,7 +21,11 @@ side: Spearman ρ between each decision value and the final value, how often the
 top-1 and top-3 reach their end, whether the recipe that ends best was cut (before its deferred
 phase?), and the epochs trained as a share of training every recipe to its end — judged against
 each seed's own final values, and against their mean over the K seeds (one run's noise averaged
-out; with K ≥ 2 the script also prints how well one seed's full training ranks another's).
+out; with K ≥ 2 the script also prints how well one seed's full training ranks another's, and
+how often the full runs another seed's full training would keep hold the top 3: a reference for
+what a perfect-as-full-training decision value reaches on noisy ends).
+
+The runs behind the README's tables are in ``scripts/fidelity/measured/`` (``--load`` replays them).
 
 A benchmark, not a test: numbers mean something only on the data and machine that printed them.
 """

@@ -61,7 +61,8 @@ class AgreeWithTune(Callback):
     """Hands a restored :class:`SearchLimiter` the trials Tune restored, once, before any event
     is processed (later, a trial Tune has ended may not yet have been reported to it); and at
     every step the trials that wait paused, which its limit does not count (else trials that
-    wait for their rung to settle would hold the places of the trials that settle it)."""
+    wait for their place at a rung to be known would hold the places of the trials that decide
+    it)."""
 
     def __init__(self, limiter: SearchLimiter):
         self.limiter = limiter

@@ -27,6 +27,10 @@ one is known it **waits** (Tune pauses it; it holds no worker). So:
   that spent 49 % of the compute of training every recipe to its end, this rule 45 %, with the
   same share of the full-training top 3 reaching their end.
 
+The price is when results come (to the user, and to TPE, which learns from decided trials only):
+even the best first-rung value goes on only once about (1 − 1/η) of the search's trials have
+ended that rung.
+
 Decisions depend on the values recorded only, so a resumed search (the records rebuilt from
 ``trials.json``) decides as an uninterrupted one.
 
