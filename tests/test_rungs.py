@@ -257,3 +257,15 @@ def test_a_knob_valid_in_the_full_run_but_not_in_a_rung_is_refused_before_ray():
         parse_search_file(data)
     data["space"]["method"]["two_stage"]["weights.start"] = {"choice": [0.8, 0.95]}
     parse_search_file(data)  # fractions stay inside every rung
+
+
+def test_a_waiting_trial_is_not_said_to_be_ranked_out():
+    """The search's line for a trial that waits says where it is, not that it is out (it may
+    be in so far: its place is not known yet); a pruned trial's says why it stopped."""
+    from ltsearch.search.callbacks import rungs_said
+
+    settings = SimpleNamespace(asha=SimpleNamespace(reduction_factor=3.0))
+    result = {BUDGETS: [4, 30], RUNG_VALUES: [0.65], "rung": 0}
+    assert rungs_said(result, settings) == \
+        "in rung 1 of 2 (4-epoch run 0.650; not among the best 1/3 of rung 1)"
+    assert rungs_said(result, settings, ranked_out=False) == "in rung 1 of 2 (4-epoch run 0.650)"

@@ -219,8 +219,9 @@ def _searched(trial_config: dict) -> str:
     return ", ".join(words)
 
 
-def rungs_said(result: dict, settings) -> str:
-    """Where a trial ended, in words: the rungs it ran, and the values they ended with."""
+def rungs_said(result: dict, settings, ranked_out: bool = True) -> str:
+    """Where a trial ended, in words: the rungs it ran, and the values they ended with
+    (``ranked_out``: and that the last one ranked it out; not so for a trial that waits)."""
     budgets, values = result.get(BUDGETS), result.get(RUNG_VALUES) or []
     if not budgets or len(budgets) == 1:
         return f"after {result.get('epoch', 0)} of {result.get('total_epochs', '?')} epochs"
@@ -229,7 +230,7 @@ def rungs_said(result: dict, settings) -> str:
     if len(values) >= len(budgets):
         return f"after {len(budgets)} rungs ({ended})"
     why = (f"; not among the best 1/{settings.asha.reduction_factor:g} of rung {len(values)}"
-           if values else "")
+           if values and ranked_out else "")
     return f"in rung {result.get(RUNG, 0) + 1} of {len(budgets)} ({ended or 'none ended'}{why})"
 
 
@@ -326,7 +327,7 @@ class ProgressCallback(Callback):
             if trial.status == "PAUSED" and trial.trial_id not in self.waiting | self.ended:
                 self.waiting.add(trial.trial_id)
                 self._say(f"waits    {trial.trial_id[-8:]}  "
-                          f"{rungs_said(trial.last_result or {}, self.space.settings)}, until "
+                          f"{rungs_said(trial.last_result or {}, self.space.settings, False)}, until "
                           f"its place at that rung is known")
         if self.tty and self.clock() - self.drawn >= 1.0:  # the clock moves on a terminal
             self.drawn = self.clock()

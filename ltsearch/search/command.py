@@ -46,7 +46,8 @@ def print_stopped(stop: SearchStopped, name: str, space, again: str) -> int:
     else:
         then = f"everything recorded is closed; fix the cause, then `{again}`"
     if isinstance(cause, OSError) and cause.strerror:
-        said = f"{type(cause).__name__}: {cause.strerror}" + (f": {cause.filename}" if cause.filename else "")
+        said = f"{type(cause).__name__}: {cause.strerror}" + (  # a write to an open file names none
+            f": {cause.filename}" if cause.filename else f" (the search's folder: {stop.outcome.folder})")
     else:
         said = _one_line(cause)
     print(f"error: the search stopped: {said}\n  {then}", file=sys.stderr)
