@@ -3,10 +3,10 @@ workers inherit it), active only where ``LTSEARCH_TEST_HOLD`` names a folder. A 
 driver at a state it names instead of guessing a window in seconds.
 
 Each trainer a process builds takes the next ordinal of the folder (``trainer-0``, ``trainer-1``,
-… created exclusively, so numbers are unique across processes; each holds its Tune trial's id). Before epoch ``E`` (0-based, so
-after ``E`` epochs were trained and reported) a trainer waits while ``hold-<ordinal>-<E>`` or
-``hold-seed<seed>-<E>`` exists, and says so with ``held-…`` (same suffix; it holds the
-process's pid). Delete the hold file to let it go on; nothing waits where the folder has none.
+… created exclusively, so numbers are unique across processes; each holds its Tune trial's
+id). Before epoch ``E`` (0-based, so after ``E`` epochs were trained and reported) a trainer
+waits while ``hold-<ordinal>-<E>`` or ``hold-seed<seed>-<E>`` exists, and says so with
+``held-…`` (same suffix; it holds the process's pid). Delete the hold file to let it go on; nothing waits where the folder has none.
 
 A fault the tests cannot cause otherwise, once (the file is removed as it fires): before epoch
 ``E`` a trainer raises where ``fail-<ordinal>-<E>`` exists (a trial that crashes and is
@@ -62,11 +62,10 @@ def _patch(module):
 
 
 def _trial_id() -> str:
-    """The Tune trial the trainer runs in ('' outside one)."""
+    """The Tune trial the trainer runs in ('' outside one; Ray Tune is not imported for it)."""
+    tune = sys.modules.get("ray.tune")
     try:
-        from ray import tune
-
-        return tune.get_context().get_trial_id() or ""
+        return (tune.get_context().get_trial_id() or "") if tune else ""
     except Exception:
         return ""
 
