@@ -124,16 +124,11 @@ class Rungs:
             self.values[k][trial_id] = (self.sign * v if v is not None and math.isfinite(v)
                                         else -math.inf)
 
-    def out_at(self, trial_id: str, rungs: int) -> Optional[int]:
-        """The first rung the trial is not among the best ⌈n/η⌉ at (None: it ranks in at every
-        rung it has ended, except the last of the ``rungs`` rungs, which ends the trial)."""
-        for k, rung in enumerate(self.values[:rungs - 1]):
-            if trial_id in rung and not self._top(rung, trial_id):
-                return k
-        return None
-
     def kept(self, trial_id: str, rungs: int) -> bool:
-        return self.out_at(trial_id, rungs) is None
+        """Whether the trial is among the best ⌈n/η⌉ of the n trials so far at every rung it
+        has ended (but the last of the ``rungs`` rungs, which ends the trial)."""
+        return all(self._better(rung, trial_id) < self.cutoff_rank(len(rung))
+                   for rung in self.values[:rungs - 1] if trial_id in rung)
 
     def ended(self, trial_id: str, rung: int) -> bool:
         """Whether the trial has a value at that rung."""
@@ -143,9 +138,9 @@ class Rungs:
         """How many of n trials at a rung go on: the best ⌈n/η⌉."""
         return max(1, math.ceil(n / self.eta))
 
-    def _top(self, rung: dict[str, float], trial_id: str) -> bool:
-        better = sum(v > rung[trial_id] for v in rung.values())  # ties go on together
-        return better < self.cutoff_rank(len(rung))
+    @staticmethod
+    def _better(rung: dict[str, float], trial_id: str) -> int:
+        return sum(v > rung[trial_id] for v in rung.values())  # ties go on together
 
     def standing(self, trial_id: str, rungs: int, most: Callable[[int], int]) -> Optional[str]:
         """GO: the trial ranks in at every rung it has ended (but the last) however the rungs'
@@ -160,7 +155,7 @@ class Rungs:
             if trial_id not in rung:
                 continue
             n, m = len(rung), max(most(k), len(rung))
-            better = sum(v > rung[trial_id] for v in rung.values())  # ties go on together
+            better = self._better(rung, trial_id)
             if better >= self.cutoff_rank(m):
                 return STOP
             if better + (m - n) >= self.cutoff_rank(m):
