@@ -2,7 +2,8 @@
 runs, replayed on what full training says.
 
     python scripts/bench_fidelity.py BASE.yaml --seeds K [--recipe 'NAME={method mapping}' …]
-           [--rungs 0.125,1.0] [--rf 3] [--no-wait] [--slots 2] [--measure 0.125,0.25,1.0]
+           [--rungs 0.125,1.0] [--rf 3] [--no-wait] [--slots 2] [--bracket B]
+           [--measure 0.125,0.25,1.0]
            [--save runs.json | --load runs.json]
 
 BASE.yaml is an ``ltsearch train`` config (or a search file: its ``base``). Every preset (the
@@ -16,7 +17,8 @@ For each seed, both schedulers are replayed on those runs as a search would meet
 trials at a time in the order the search starts them (old: the file's order; new: shuffled by
 the search seed), each epoch taking the time it took. Old ASHA is Ray Tune's ``ASHAScheduler``
 (truncated runs: ``--asha-grace`` epochs, ``--asha-rf``); the new one is the search's rule
-(:class:`ltsearch.search.rungs.Rungs`, with its waiting unless ``--no-wait``). Printed side by
+(:class:`ltsearch.search.rungs.Rungs`, with its waiting unless ``--no-wait``, in brackets of
+``--bracket`` trials by start order if given). Printed side by
 side: Spearman ρ between each decision value and the final value, how often the full-training
 top-1 and top-3 reach their end, whether the recipe that ends best was cut (before its deferred
 phase?), and the epochs trained as a share of training every recipe to its end — judged against
@@ -147,6 +149,7 @@ def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide,
     running: list = []  # (time its next epoch ends, name, index of that epoch)
     held: dict[str, int] = {}  # a waiting trial → the index of the epoch it resumes at
     clock, trained, ended = 0.0, {n: 0 for n in order}, {}
+    first_end = None  # when the first trial reached its end: the first full result
 
     def push(now, name, i):
         heapq.heappush(running, (now + steps[name][i][0], name, i))
@@ -172,6 +175,7 @@ def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide,
         verdict = decide(name, i)  # Tune's ASHA says STOP at max_t: the end
         if i + 1 == len(steps[name]):
             ended[name] = True
+            first_end = clock if first_end is None else first_end
         elif verdict == STOP:
             ended[name] = False
         elif verdict == WAIT:
@@ -182,7 +186,7 @@ def replay(order: list[str], steps: dict[str, list[tuple[float, dict]]], decide,
         start()
     for name in held:  # (none: the last rung value settles every rung)
         ended[name] = False
-    return {"trained": trained, "ended": ended, "clock": clock}
+    return {"trained": trained, "ended": ended, "clock": clock, "first_end": first_end}
 
 
 def replay_asha(runs: dict, seed: int, order: list[str], slots: int, grace: int, rf: float) -> dict:
@@ -209,11 +213,12 @@ def replay_all(runs: dict, seed: int, order: list[str], slots: int) -> dict:
 
 
 def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
-                 fractions: list[float], wait: bool = True) -> dict:
+                 fractions: list[float], wait: bool = True, bracket: int | None = None) -> dict:
     """The search's rungs (:class:`ltsearch.search.rungs.Rungs`, as its scheduler uses them) on
     one seed's runs; ``wait``: a trial waits until its rung ranks it in or out for good (else
-    decided at once on the values so far, as the search did before 2026-12-03)."""
-    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES, Rungs
+    decided at once on the values so far, as the search did before 2026-12-03); ``bracket``:
+    ranked among the trials up to the end of its bracket in start order (None: all)."""
+    from ltsearch.search.rungs import BUDGETS, RUNG_VALUES, Rungs, ranked_among
 
     rungs = Rungs(rf, "max")
     steps = {}
@@ -230,20 +235,23 @@ def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
     total = len(fractions)
     out = {n: False for n in order}  # ended for good before its last rung
 
-    def most(k):  # the trials that have ended rung k or may still: all but those ended before
+    def field(n):  # (most, peers), as the search's scheduler gives them
         if not wait:  # decided at once: on the values so far
-            return len(rungs.values[k])
-        return sum(rungs.ended(n, k) or not out[n] for n in order)
+            return (lambda k: len(rungs.values[k])), None
+        peers = order[:ranked_among(order, n, bracket, len(order))]
+        # the trials that have ended rung k or may still: all but those ended before
+        return (lambda k: sum(rungs.ended(m, k) or not out[m] for m in peers),
+                None if bracket is None else set(peers))
 
     def decide(n, i):
         report = steps[n][i][1]
         verdict = rungs.verdict(n, report[RUNG_VALUES], total, report["ends_rung"] or report["first"],
-                                most)
+                                *field(n))
         out[n] = out[n] or (verdict == "stop" and i + 1 < len(steps[n]))
         return verdict
 
     def waited(n):
-        turn = rungs.waited(n, total, most)
+        turn = rungs.waited(n, total, *field(n))
         out[n] = out[n] or turn == "stop"
         return turn
 
@@ -265,6 +273,7 @@ def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]
     mean_final = {n: statistics.mean(r["full"]["curve"][-1] for r in runs[n][:seeds]) for n in names}
     rho, top1, top3, share, cut = [], [], [], [], []
     wall = [o["clock"] / a["clock"] for o, a in zip(outcomes, alls)]
+    first_end = [o["first_end"] / a["clock"] for o, a in zip(outcomes, alls)]
     for seed, (outcome, first) in enumerate(zip(outcomes, first_values)):
         final = (mean_final if truth == "mean" else
                  {n: runs[n][seed]["full"]["curve"][-1] for n in names})
@@ -284,7 +293,8 @@ def judge(runs: dict, seeds: int, outcomes: list[dict], first_values: list[dict]
                 f" (before its deferred part, due at epoch {deferred + 1})"))
     return {"rho": statistics.mean(rho), "top1": statistics.mean(top1), "top3": statistics.mean(top3),
             "share": statistics.mean(share), "cut": cut,
-            "wall": statistics.mean(wall) if wall else None}
+            "wall": statistics.mean(wall) if wall else None,
+            "first_end": statistics.mean(first_end) if first_end else None}
 
 
 def another_seed_deciding(runs: dict, seeds: int, rf: float) -> tuple[float, float] | None:
@@ -327,6 +337,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-wait", action="store_true", help="the new scheduler decides at once "
                    "(search.asha.wait: false)")
     p.add_argument("--slots", type=int, default=2, help="trials at a time in the replays")
+    p.add_argument("--bracket", type=int, help="the new scheduler ranks a trial among those up to "
+                   "the end of its bracket of this many, in start order (search.asha.bracket; "
+                   "default: all, as a search of at most 12 trials does)")
     p.add_argument("--metric", default="val/balanced_acc", help="the search's metric")
     p.add_argument("--save", help="write the measured runs to this JSON file, as they are "
                                   "measured (runs it holds already are not trained again)")
@@ -353,6 +366,11 @@ def main(argv=None) -> int:
         asha.settle(epochs)
         fractions = asha.fractions()
     measured = [float(f) for f in args.measure.split(",")] if args.measure else fractions
+    # a rung is its compressed run's length: 0.125 and 4/30 of 30 epochs are both 4 epochs
+    same = lambda f, g: max(1, round(epochs * f)) == max(1, round(epochs * g))  # noqa: E731
+
+    def as_saved(fs: list[float], saved: list[float]) -> list[float]:  # (1.0: the full run)
+        return [next((g for g in saved if same(f, g)), f) if f < 1.0 else f for f in fs]
     # the fine-tuning presets mean what their paper means only on a pretrained backbone
     pretrained = bool((base.get("model") or {}).get("weights"))
     names = args.presets.split(",") if args.presets else [
@@ -369,19 +387,18 @@ def main(argv=None) -> int:
         reuse = json.loads(Path(args.reuse).read_text()) if args.reuse else None
         done = (json.loads(Path(args.save).read_text())
                 if args.save and Path(args.save).is_file() else None)
+        if done:  # the same rungs under another name are not trained again
+            measured = as_saved(measured, next(iter(done.values()))[0]["fractions"])
         runs = measure(base, recipes, args.seeds, measured, args.metric, reuse, args.save, done)
     if args.save:
         Path(args.save).write_text(json.dumps(runs))
     names = list(runs)
     seeds = min(len(v) for v in runs.values())
-    # a rung is its compressed run's length: 0.125 and 4/30 of 30 epochs are both 4 epochs
-    same = lambda f, g: max(1, round(epochs * f)) == max(1, round(epochs * g))  # noqa: E731
-    fractions = [next((g for g in runs[names[0]][0]["fractions"] if same(f, g)), f)
-                 for f in fractions[:-1]] + [1.0]
+    fractions = as_saved(fractions, runs[names[0]][0]["fractions"])
 
     old = [replay_asha(runs, s, names, args.slots, args.asha_grace, args.asha_rf) for s in range(seeds)]
-    new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf, fractions, not args.no_wait)
-           for s in range(seeds)]
+    new = [replay_rungs(runs, s, cover_order(names, s), args.slots, args.rf, fractions,
+                        not args.no_wait, args.bracket) for s in range(seeds)]
     old_first = [{n: runs[n][s]["full"]["curve"][args.asha_grace - 1] for n in names} for s in range(seeds)]
     new_first = [{n: rung_runs(runs[n][s], fractions)[0]["curve"][-1] for n in names} for s in range(seeds)]
     first_run = {n: len(rung_runs(runs[n][0], fractions)[0]["curve"]) for n in names}
@@ -395,7 +412,7 @@ def main(argv=None) -> int:
     print(f"\n{len(names)} recipes × {seeds} seeds, {args.slots} at a time; old: ASHA on epochs "
           f"(grace {args.asha_grace}, η {args.asha_rf:g}, file order); new: rungs "
           f"{','.join(f'{f:.3g}' for f in fractions)} of complete runs (η {args.rf:g}; {names[0]}: {budgets} epochs), "
-          f"cover order shuffled by seed")
+          f"cover order shuffled by seed" + (f", brackets of {args.bracket}" if args.bracket else ""))
     print(f"\n{'recipe':<18} {'end (mean)':>10} {f'@epoch {args.asha_grace}':>9} {'1st rung':>8} "
           f"{'old: reached end':>17} {'new: reached end':>17}")
     for n in sorted(names, key=lambda n: -statistics.mean(r["full"]["curve"][-1] for r in runs[n][:seeds])):
@@ -409,7 +426,8 @@ def main(argv=None) -> int:
             ("full-training top-1 reaches its end", "top1", "{:.0%}"),
             ("full-training top-3 reach their end", "top3", "{:.0%}"),
             ("compute, share of training all to the end", "share", "{:.0%}"),
-            (f"time, share of training all to the end ({args.slots} at a time)", "wall", "{:.0%}")]
+            (f"time, share of training all to the end ({args.slots} at a time)", "wall", "{:.0%}"),
+            ("the first full run ends, at a share of that", "first_end", "{:.0%}")]
     for label, key, fmt in rows:
         print(f"{label:<44}{fmt.format(a[key]):>10} {fmt.format(b[key]):>10}")
     if seeds > 1:

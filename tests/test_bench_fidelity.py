@@ -41,6 +41,25 @@ def test_rungs_replayed_keep_the_best_third_whatever_the_trials_at_a_time(slots)
     assert verdict["cut"] == []
 
 
+def test_rungs_replayed_in_brackets_rank_a_trial_among_its_bracket_and_those_before():
+    """12 recipes at η 3 in brackets of 6, started worst first: the first bracket keeps its
+    best ⌈6/3⌉ = 2 (r4, r5), a trial of the second is ranked among all twelve (r8…r11 the best
+    ⌈12/3⌉ = 4); started best first, the first bracket keeps r11 and r10 and no trial of the
+    second ranks among the twelve's best four."""
+    ends = {f"r{i}": 0.5 + i / 100 for i in range(12)}
+    runs = _runs(ends)
+    rising = bench.replay_rungs(runs, 0, list(runs), 2, 3.0, [0.25, 1.0], bracket=6)
+    assert {n for n, e in rising["ended"].items() if e} == {"r4", "r5", "r8", "r9", "r10", "r11"}
+    assert sum(rising["trained"].values()) == 12 * 2 + 6 * 8
+    falling = bench.replay_rungs(runs, 0, list(runs)[::-1], 2, 3.0, [0.25, 1.0], bracket=6)
+    assert {n for n, e in falling["ended"].items() if e} == {"r10", "r11"}
+    together = bench.replay_rungs(runs, 0, list(runs), 2, 3.0, [0.25, 1.0], bracket=12)
+    assert {n for n, e in together["ended"].items() if e} == {"r8", "r9", "r10", "r11"}
+    # 1-s epochs, 2 at a time: the first bracket's rung runs end at 2, 4, 6 s, and r4, r5 go
+    # on at once (8 epochs); all together, r8 is in for good only at 10 s (3 still to come)
+    assert rising["first_end"] == 6 + 8 and together["first_end"] == 10 + 8
+
+
 def test_old_asha_replayed_cuts_the_late_recipe_the_rungs_keep():
     """The issue's late recipe: worst at every epoch until its re-balancing at 80 %, best at
     the end; its compressed run has the re-balancing too, and ends best."""

@@ -178,8 +178,10 @@ def test_ctrl_c_mid_rung_then_resume_decides_as_an_uninterrupted_search(tmp_path
     data["base"]["train"]["epochs"] = 2
     # runs of 1 and 2 epochs; seed 1's order: balanced_softmax, ce, logit_adjust, reweight, the
     # third promoted at its rung (ties the first: τ = 1 makes logit_adjust balanced_softmax)
+    # in brackets of 2: a bracket is counted in the order trials started (a resume reorders Tune's
+    # list of trials by their last result; trials.json keeps the start order)
     data["search"].update(num_samples=4, max_concurrent=1, checkpoint_every=1, seed=1,
-                          asha={"rungs": [0.5, 1.0], "reduction_factor": 2})
+                          asha={"rungs": [0.5, 1.0], "reduction_factor": 2, "bracket": 2})
     uri = fresh_store(tmp_path)
     whole_cmd, whole = _search_cmd(tmp_path, data, "whole", uri)
     hold = session_hold

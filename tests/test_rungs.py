@@ -7,7 +7,7 @@ import pytest
 from conftest import make_config
 from ltsearch.config import ConfigError, resolve_epoch
 from ltsearch.runconfig import compressed, run_epochs
-from ltsearch.search.rungs import BUDGETS, GO, RUNG_VALUES, STOP, WAIT, Rungs
+from ltsearch.search.rungs import BUDGETS, GO, RUNG_VALUES, STOP, WAIT, Rungs, ranked_among
 
 
 def test_a_compressed_run_has_every_phase_of_its_recipe():
@@ -103,35 +103,40 @@ def test_a_trial_goes_on_or_stops_once_its_rung_ranks_it_for_good_and_waits_unti
     assert late.verdict("a", [0.5], 2, True, lambda k: 3) == WAIT  # (a resumed run's first report)
 
 
+@pytest.mark.parametrize("bracket", [None, 3])
 @pytest.mark.parametrize("seed", range(20))
-def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in(seed):
+def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in(seed, bracket):
     """Eight trials, rungs [r0, r1, full], η 2, their rungs ending in a random interleaving (as
     workers finish them): the trials that go on from each rung are those synchronous successive
-    halving keeps (the best ⌈m/η⌉ of the m that ended it), none that went on is stopped later,
-    and every trial's decision comes from the rule (none waits at the end)."""
+    halving keeps (the best ⌈m/η⌉ of the m that ended it; in brackets of 3 by start order, of
+    the m in the trial's bracket and those before it), none that went on is stopped later, and
+    every trial's decision comes from the rule (none waits at the end)."""
     import math
     import random
 
     rng = random.Random(seed)
     n, eta = 8, 2.0
-    values = {f"t{i}": [rng.random() for _ in range(3)] for i in range(n)}
+    order = [f"t{i}" for i in range(n)]  # the order they started in
+    values = {t: [rng.random() for _ in range(3)] for t in order}
     rungs = Rungs(eta)
     ended = {t: 0 for t in values}  # how many rungs each trial has ended
     fate: dict[str, str] = {}  # trial → "end" or "stop"
     waiting, running = set(), set(values)
 
-    def most(k):  # all but the trials stopped before ending rung k
-        return sum(ended[t] > k or fate.get(t) != "stop" for t in values)
+    def field(t):  # (most, peers): the trials up to t's bracket's end, but those stopped before k
+        peers = order[:ranked_among(order, t, bracket, n)]
+        return (lambda k: sum(ended[s] > k or fate.get(s) != "stop" for s in peers),
+                None if bracket is None else set(peers))
 
     def went_on(t):  # a trial's next rung starts: its run goes on, and no report stops it
         running.add(t)
-        assert rungs.verdict(t, values[t][:ended[t]], 3, False, most) == GO
+        assert rungs.verdict(t, values[t][:ended[t]], 3, False, *field(t)) == GO
 
     while running:
         t = rng.choice(sorted(running))
         ended[t] += 1
         running.discard(t)
-        verdict = rungs.verdict(t, values[t][:ended[t]], 3, True, most)
+        verdict = rungs.verdict(t, values[t][:ended[t]], 3, True, *field(t))
         if ended[t] == 3:
             fate[t] = "end"
         elif verdict == GO:
@@ -141,7 +146,7 @@ def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in
         else:
             waiting.add(t)
         for w in sorted(waiting):
-            turn = rungs.waited(w, 3, most)
+            turn = rungs.waited(w, 3, *field(w))
             if turn is not None:
                 waiting.discard(w)
                 if turn == GO:
@@ -149,10 +154,41 @@ def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in
                 else:
                     fate[w] = "stop"
     assert not waiting
-    kept = sorted(values)
+    kept = list(order)
     for k in range(2):  # synchronous halving: each rung keeps the best ⌈m/η⌉ of the m there
-        kept = sorted(kept, key=lambda t: -values[t][k])[:math.ceil(len(kept) / eta)]
+        def goes_on(t):
+            there = [s for s in order[:ranked_among(order, t, bracket, n)] if s in kept]
+            return sum(values[s][k] > values[t][k] for s in there) < math.ceil(len(there) / eta)
+        kept = [t for t in kept if goes_on(t)]
     assert sorted(t for t, f in fate.items() if f == "end") == sorted(kept)
+
+
+def test_in_brackets_a_trial_is_decided_once_its_bracket_ends_the_rung_and_ranked_among_all_before():
+    """Eight trials, η 2, brackets of 4: the first four are decided once they have ended rung 0,
+    before any later trial starts (ranked among all eight, none of them would be known: four
+    more may beat each); a trial of the second bracket is ranked among all eight, so it goes on
+    only by beating the first bracket's values as well."""
+    order = [f"t{i}" for i in range(8)]
+    values = [0.5, 0.7, 0.3, 0.6, 0.45, 0.65, 0.1, 0.2]
+
+    def field(t, bracket):
+        peers = order[:ranked_among(order, t, bracket, 8)]
+        return (lambda k: len(peers)), (None if bracket is None else set(peers))
+
+    together, bracketed = Rungs(2.0), Rungs(2.0)
+    for t, v in zip(order[:4], values):
+        assert together.verdict(t, [v], 2, True, *field(t, None)) == WAIT
+        bracketed.verdict(t, [v], 2, True, *field(t, 4))
+    assert [bracketed.waited(t, 2, *field(t, 4)) for t in order[:4]] == [STOP, GO, STOP, GO]
+    assert [together.waited(t, 2, *field(t, None)) for t in order[:4]] == [None] * 4
+    # t4 (0.45) would be second of its own bracket, but the eight's cut is ⌈8/2⌉ = 4 and three
+    # of the first bracket ended above it: out once t5 (0.65) does too
+    assert bracketed.verdict("t4", [0.45], 2, True, *field("t4", 4)) == WAIT
+    assert bracketed.verdict("t5", [0.65], 2, True, *field("t5", 4)) == GO  # 1 better, 2 to come
+    assert bracketed.waited("t4", 2, *field("t4", 4)) == STOP
+    assert bracketed.verdict("t6", [0.1], 2, True, *field("t6", 4)) == STOP
+    assert ranked_among(order, "t5", None, 8) == 8 and ranked_among(order, "t5", 3, 8) == 6
+    assert ranked_among(order, "t7", 3, 8) == 8 and ranked_among(order, "t0", 3, 8) == 3
 
 
 def test_crafted_curves_old_asha_prunes_the_late_recipe_the_rungs_keep_it():
@@ -219,6 +255,13 @@ def test_rung_settings_are_checked():
     with pytest.raises(ConfigError, match=r"^search\.asha\.grace_period: ASHA no longer stops a run "
                                           r"after some of its epochs.*give asha\.rungs"):
         settings({"grace_period": 2})
+    # brackets of 12 by default: a search of at most 12 trials ranks them all together
+    assert settings({}).bracket == 12
+    assert settings({}).bracket_of(12) is None and settings({}).bracket_of(40) == 12
+    assert settings({"bracket": 5}).bracket_of(6) == 5 and settings({"bracket": None}).bracket_of(40) is None
+    assert settings({"wait": False}).bracket_of(40) is None  # decided at once: no bracket to settle
+    with pytest.raises(ConfigError, match=r"^search\.asha\.bracket: .*>= 2"):
+        settings({"bracket": 1})
 
 
 def test_the_default_rungs_train_an_eighth_of_the_run_and_at_least_four_epochs():
@@ -269,3 +312,37 @@ def test_a_waiting_trial_is_not_said_to_be_ranked_out():
     assert rungs_said(result, settings) == \
         "in rung 1 of 2 (4-epoch run 0.650; not among the best 1/3 of rung 1)"
     assert rungs_said(result, settings, ranked_out=False) == "in rung 1 of 2 (4-epoch run 0.650)"
+
+
+def test_a_schedulers_brackets_count_in_the_records_start_order_and_a_lost_trial_as_ended():
+    """The scheduler's brackets follow trials.json's order (the order trials first started),
+    not Tune's list, which a resume reorders by last result; a trial the records hold LOST
+    (Tune never recorded it) keeps its place there and ended without its rungs. Brackets of 2,
+    four trials, η 2: a (0.5) and b (0.7) are the first bracket, b goes on and a stops; c
+    (0.6) is ranked among all four but the lost one, which ended without the rung: ⌈3/2⌉ = 2
+    of the three go on, and c is second of them."""
+    from ltsearch.search.rungs import RUNG_VALUE
+    from ltsearch.search.scheduler import RungScheduler
+
+    records = {t: {"status": s} for t, s in [("a", "WAITING"), ("b", "RUNNING"), ("lost", "LOST"),
+                                             ("c", "RUNNING")]}
+
+    def trial(i, status="RUNNING"):
+        return SimpleNamespace(trial_id=i, config={}, status=status, is_saving=False,
+                               is_finished=lambda: status in ("TERMINATED", "ERROR"))
+
+    tune = SimpleNamespace(get_trials=lambda: [trial("c"), trial("b"), trial("a", "PAUSED")],
+                           stop_trial=lambda t: stopped.append(t.trial_id))
+    stopped: list[str] = []
+    scheduler = RungScheduler(2.0, "max", 4, 1, bracket=2, records=records)
+
+    def report(i, v):
+        return scheduler.on_trial_result(tune, trial(i), {RUNG_VALUES: [v], BUDGETS: [1, 2],
+                                                          RUNG_VALUE: v})
+
+    assert report("a", 0.5) == scheduler.PAUSE  # b is still to end the first bracket's rung
+    assert report("b", 0.7) == scheduler.CONTINUE and stopped == ["a"]
+    assert scheduler.field(tune, "c")[0](0) == 4 - 1  # (the lost trial ended without it)
+    assert report("c", 0.6) == scheduler.CONTINUE  # b, c of a, b, c: in for good
+    together = RungScheduler(2.0, "max", 4, 1, bracket=None, records=records)
+    assert together.field(tune, "c")[0](0) == 4 and together.field(tune, "c")[1] is None

@@ -340,4 +340,4 @@ def test_a_resumed_scheduler_holds_the_rungs_the_records_hold(search):
     low = {RUNG_VALUES: [min(v[0] for v in ended.values()) - 0.01], BUDGETS: [1, 3]}
     late = type("T", (), {"trial_id": "late"})()
     assert restored.on_trial_result(None, late, low) == TrialScheduler.STOP
-    assert make_scheduler(space.settings).on_trial_result(None, late, low) == TrialScheduler.CONTINUE
+    assert make_scheduler(space.settings, {}).on_trial_result(None, late, low) == TrialScheduler.CONTINUE

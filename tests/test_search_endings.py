@@ -255,7 +255,9 @@ def test_ray_failing_to_start_is_reported_as_itself_and_the_records_are_closed(t
 
     (tmp_path / "a_file").write_text("")
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tiny_search(method={"ce": {}})))
+    search = tiny_search(method={"ce": {}})
+    search["search"]["asha"]["bracket"] = 4  # (6 trials: ranked in brackets, and the line says so)
+    path.write_text(yaml.safe_dump(search))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = _cli(["search", str(path), "--tracking-uri", uri],
                {"RAY_TMPDIR": str(tmp_path / "a_file" / "ray")}, tmp_path)
@@ -267,7 +269,7 @@ def test_ray_failing_to_start_is_reported_as_itself_and_the_records_are_closed(t
     lines = out.stdout.strip().splitlines()
     assert "KeyError" not in out.stdout and lines[0].endswith("; starting a local Ray")
     assert lines[0].startswith("search s: 6 trials over 1 method, rungs at 0.33 / 1 of each run "
-                               "(η 2), 1 at a time, in "), lines[0]
+                               "(η 2, ranked in brackets of 4), 1 at a time, in "), lines[0]
     assert lines[1:3] == ["", "search s: no trial ran"], out.stdout
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ltsearch").experiment_id])

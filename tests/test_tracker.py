@@ -130,6 +130,27 @@ def test_an_artifact_store_that_cannot_be_written_leaves_no_run_open(tmp_path, c
                and str(folder) in m for m in warned), warned
 
 
+def test_the_progress_lines_best_is_a_full_runs_and_before_any_the_best_first_rung(tmp_path):
+    """A trial stopped at its first rung and one at its full run's end are not compared: the
+    best is the best full run's; before any has ended, the best first-rung value so far, a
+    waiting trial's included (it said a pruned 0.560 while a waiting trial held 0.650)."""
+    from ltsearch.search.callbacks import ProgressCallback
+    from ltsearch.search.records import TrialRecords
+    from ltsearch.search.space import parse_search_file
+
+    space = parse_search_file(tiny_search(method={"ce": {}}))
+    records = TrialRecords(tmp_path)
+    progress = ProgressCallback(records, space, out=io.StringIO(), began=0.0, clock=lambda: 0.0)
+    assert progress._bar().endswith("0/6 trials · 0:00")
+    records.update("p", method="ce", status="PRUNED", rung_values=[0.56], metrics={"val/balanced_acc": 0.56})
+    records.update("w", method="ce", status="WAITING", rung_values=[0.65], metrics={"val/balanced_acc": 0.65})
+    records.update("r", method="ce", status="RUNNING", rung_values=[], metrics={"val/balanced_acc": 0.9})
+    assert progress._bar().endswith("1/6 trials · 0:00 · best first rung 0.650 (ce w)")
+    records.update("c", method="ce", status="COMPLETED", rung_values=[0.5, 0.6],
+                   metrics={"val/balanced_acc": 0.6})
+    assert progress._bar().endswith("2/6 trials · 0:00 · best 0.600 (ce c)")
+
+
 def test_the_progress_line_counts_from_the_command_start_and_estimates_from_the_trials(tmp_path):
     """The clock is the user's wait, from the command's start (Ray's start included); what is
     left, from how fast trials have ended since this driver's first trial started. It counted

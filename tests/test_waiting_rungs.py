@@ -25,7 +25,7 @@ def _define(trial):  # (module level: Tune pickles the searcher with its space)
     trial.suggest_int("i", 0, len(VALUES) - 1)
 
 
-def _search(tmp_path, wait: bool):
+def _search(tmp_path, wait: bool, bracket=None):
     """The crafted trials one at a time, with the search's own records (trials.json): each
     trial, as it starts, notes what trials.json says of the others then (``seen-<i>.json``)."""
     from ltsearch.search.space import parse_search_file
@@ -62,7 +62,8 @@ def _search(tmp_path, wait: bool):
     space = parse_search_file({"base": {"train": {"epochs": 2}}})
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         metric="v", mode="max", num_samples=len(VALUES), search_alg=limiter,
-        scheduler=RungScheduler(2.0, "max", len(VALUES) if wait else None, 1)),
+        scheduler=RungScheduler(2.0, "max", len(VALUES) if wait else None, 1, bracket,
+                               records.trials)),
         run_config=tune.RunConfig(name="w", storage_path=str(tmp_path / "ray"), verbose=0,
                                   callbacks=[*agreeing(limiter),
                                              SearchCallback(records, space, Tracker())]))
@@ -73,6 +74,8 @@ def _search(tmp_path, wait: bool):
         reports[result.config["i"]] = list(zip(history["rung"], history["timestamp"]))
     study = optuna.load_study(study_name="w", storage=storage)
     told = {t.params["i"]: (t.state.name, t.intermediate_values) for t in study.trials}
+    (tmp_path / "study.json").write_text(json.dumps({t.params["i"]: [
+        t.datetime_start.timestamp(), t.datetime_complete.timestamp()] for t in study.trials}))
     return reports, told, {r["params"]["i"]: r for r in records.trials.values()}
 
 
@@ -115,3 +118,18 @@ def test_decided_at_once_the_first_trial_meets_an_empty_rung_and_runs_to_its_end
         0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "PRUNED"}
     assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "COMPLETED"}  # none waited
     assert all(r["waited_s"] == 0 for r in records.values())
+
+
+def test_in_brackets_of_two_the_study_learns_the_first_two_before_the_third_starts(ray_local, tmp_path):
+    """Brackets of 2: trial 0 (0.4) waits for trial 1 (0.5), which then goes on at once and
+    trial 0 is PRUNED, before trial 2 is asked for (ranked among all four, both would still
+    wait: two more may beat them). Trials 2 (0.9) and 3 (0.1) are ranked among all four."""
+    reports, told, records = _search(tmp_path, wait=True, bracket=2)
+    assert {i: state for i, (state, _) in told.items()} == {
+        0: "PRUNED", 1: "COMPLETE", 2: "COMPLETE", 3: "PRUNED"}
+    assert _seen(tmp_path, 1) == {0: "WAITING"}
+    assert _seen(tmp_path, 2) == {0: "PRUNED", 1: "COMPLETED"}  # (all together: both WAITING)
+    assert _seen(tmp_path, 3) == {0: "PRUNED", 1: "COMPLETED", 2: "COMPLETED"}
+    times = {int(i): t for i, t in json.loads((tmp_path / "study.json").read_text()).items()}
+    assert times[0][1] <= times[2][0] and times[1][1] <= times[2][0]  # told before it was asked
+    assert [r for r, _ in reports[1]] == [0, 1] and records[1]["waited_s"] == 0

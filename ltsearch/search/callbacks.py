@@ -287,16 +287,25 @@ class ProgressCallback(Callback):
         return {**self.__dict__, "out": None, "records": None}
 
     def _counts(self) -> tuple[int, Optional[dict]]:
-        """Trials ended so far, and the best of them by the search's metric."""
+        """Trials ended so far, and the best so far: of the full runs that ended by the search's
+        metric; before any, of the first rung's values (a waiting trial's too: a trial stopped
+        there and one at its full run's end are not compared), ``first_rung`` set."""
         records = self.records
         ended = sum(r["status"] not in ONGOING for r in records.trials.values()
                     if bool(r.get(CONFIRM_OF)) == self.confirming)
+        mode = self.space.settings.mode
         if self.confirming:
-            confirmed = records.confirmed(self.metric, self.space.settings.mode)
+            confirmed = records.confirmed(self.metric, mode)
             return ended, (confirmed[0] if confirmed else None)
-        ranked = [r for r in records.ranked(self.metric, self.space.settings.mode, completed_only=False)
-                  if r["status"] not in ONGOING]
-        return ended, (ranked[0] if ranked else None)
+        ranked = records.ranked(self.metric, mode)
+        if ranked:
+            return ended, ranked[0]
+        first = [r for r in records.trials.values() if not r.get(CONFIRM_OF) and r.get(RUNG_VALUES)
+                 and r[RUNG_VALUES][0] is not None and math.isfinite(r[RUNG_VALUES][0])]
+        if not first:
+            return ended, None
+        best = (max if mode == "max" else min)(first, key=lambda r: r[RUNG_VALUES][0])
+        return ended, {**best, "metrics": {self.metric: best[RUNG_VALUES][0]}, "first_rung": True}
 
     def _bar(self) -> str:
         done, best = self._counts()
@@ -310,7 +319,9 @@ class ProgressCallback(Callback):
         if best and self.confirming:
             top = f" · best mean {best['mean']:.3f} ± {best['std']:.3f} ({best['method']} {best['trial_id'][-8:]})"
         else:
-            top = f" · best {best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})" if best else ""
+            top = (f" · best{' first rung' if best.get('first_rung') else ''} "
+                   f"{best['metrics'][self.metric]:.3f} ({best['method']} {best['trial_id'][-8:]})"
+                   if best else "")
         what = "confirmation runs" if self.confirming else "trials"
         return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {what} · " \
                f"{_clock(now - self.began)}{left}{top}"

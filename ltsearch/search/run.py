@@ -49,9 +49,11 @@ def _first_points(space) -> list[dict] | None:
     return [{"method": m} for m in cover_order(methods, space.settings.seed)]
 
 
-def make_scheduler(settings, records: Optional[dict] = None):
+def make_scheduler(settings, records: dict):
     """Successive halving over complete runs when a trial has rungs before its full run
-    (:mod:`ltsearch.search.rungs`), else none; a resumed search's rebuilt from its records."""
+    (:mod:`ltsearch.search.rungs`), else none. ``records``: the search's trials.json, as its
+    callback keeps it (a resumed search's rungs are rebuilt from them; their order is the
+    order trials started in, which brackets count)."""
     from ray.tune.schedulers import FIFOScheduler
 
     from ltsearch.search.scheduler import RungScheduler
@@ -59,10 +61,9 @@ def make_scheduler(settings, records: Optional[dict] = None):
     if len(settings.asha.fractions()) < 2:
         return FIFOScheduler()
     waits = settings.asha.wait  # a trial waits (paused) until its rung ranks it for good
-    scheduler = RungScheduler(settings.asha.reduction_factor, settings.mode,
-                              settings.num_samples if waits else None, settings.max_concurrent)
-    scheduler.restore_records(records or {})
-    return scheduler
+    return RungScheduler(settings.asha.reduction_factor, settings.mode,
+                         settings.num_samples if waits else None, settings.max_concurrent,
+                         settings.asha.bracket_of(settings.num_samples), records)
 
 
 def search_name(path: str | Path) -> str:
@@ -187,7 +188,9 @@ def say_starting(search: Search, address: Optional[str], confirm_only: bool) -> 
         fractions = settings.asha.fractions()
         if len(fractions) > 1:  # the default rungs depend on the runs' length: say which
             what += (f", rungs at {' / '.join(f'{f:.3g}' for f in fractions)} of each run "
-                     f"(η {settings.asha.reduction_factor:g})")
+                     f"(η {settings.asha.reduction_factor:g}")
+            bracket = settings.asha.bracket_of(settings.num_samples)
+            what += f", ranked in brackets of {bracket})" if bracket else ")"
         if settings.confirm.top:
             what += f", then {settings.confirm.said()}"
     where = ("on the Ray already running" if ray.is_initialized()
@@ -367,7 +370,7 @@ def _tune(search: Search, verbose: int) -> str:
             mode=[settings.mode] * len(settings.objectives) if many else settings.mode,
             sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
             storage=storage_db, study_name=search.name, points_to_evaluate=_first_points(space))
-        scheduler = make_scheduler(settings)
+        scheduler = make_scheduler(settings, search.records.trials)
         limiter = SearchLimiter(searcher, settings.max_concurrent, settings.num_samples)
         tuner = tune.Tuner(
             trainable,

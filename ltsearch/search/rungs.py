@@ -17,8 +17,8 @@ rung ended it better, out for good once ⌈m/η⌉ trials (m at its largest) end
 one is known it **waits** (Tune pauses it; it holds no worker). So:
 
 - the trials that reach their end are the ones synchronous successive halving keeps, the best
-  ⌈m/η⌉ of each rung, whatever order the trials start and end in and however many run at a
-  time: the first trials (the enqueued ones) gain nothing from meeting empty rungs, and no
+  ⌈m/η⌉ of each rung (by brackets, below), whatever order a bracket's trials start and end in
+  and however many run at a time: the first trials (the enqueued ones) gain nothing from meeting empty rungs, and no
   trial is stopped for good on a rung's first few values;
 - no compute goes to a longer run that a later trial would have cut. Until 2026-12-03 evening
   a trial went on while it ranked in *so far* and was stopped at its next report once later
@@ -28,8 +28,15 @@ one is known it **waits** (Tune pauses it; it holds no worker). So:
   same share of the full-training top 3 reaching their end.
 
 The price is when results come (to the user, and to TPE, which learns from decided trials only):
-even the best first-rung value goes on only once about (1 − 1/η) of the search's trials have
-ended that rung.
+ranked among all of a search's trials, even the best first-rung value goes on only once about
+(1 − 1/η) of them have ended that rung, so TPE would sample a third of a 100-trial search before
+any trial was pruned. So trials are ranked in **brackets** (``asha.bracket``, 12 by default) by
+the order they start: a trial's rungs rank it among the trials that started before it or in its
+bracket (the first 12, the first 24, …), and are settled once those have ended them, whatever
+later trials do. The first bracket's decisions come after its own 12 rung runs; a later
+bracket's trial still has to beat every earlier trial's values (ranked among them all, not a
+Hyperband bracket of its own). A search of at most 12 trials is one bracket: ranked all
+together, as the benchmark measured.
 
 Decisions depend on the values recorded only, so a resumed search (the records rebuilt from
 ``trials.json``) decides as an uninterrupted one.
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Container, Iterable, Optional
 
 from ltsearch.config import ConfigError, spec
 
@@ -59,6 +66,9 @@ GO, STOP, WAIT = "go", "stop", "wait"  # the scheduler's decisions (WAIT: Tune p
 # its two-stage recipes far below the rest (mislas 0.26, two_stage 0.47; 0.95 both in full) and
 # cut the best recipe in 3 of 6 seeds (``scripts/bench_fidelity.py``, README).
 FIRST_RUNG, FIRST_RUNG_EPOCHS = 0.125, 4
+# Trials ranked together, by start order: the 12 presets a search covers first are one bracket,
+# as the benchmark ranks them (``scripts/bench_fidelity.py --bracket`` replays smaller ones).
+BRACKET = 12
 
 
 @dataclass
@@ -76,6 +86,11 @@ class AshaSettings:
     wait: bool = spec(True, doc="a trial goes on or stops once its rung ranks it in or out for "
                                 "good, and waits (paused) until then; false: decided at once "
                                 "on the values so far")
+    bracket: Optional[int] = spec(
+        BRACKET, ge=2, doc="with wait: a trial's rungs rank it among the trials started before it "
+                           "or in its bracket of this many (by start order), and are settled once "
+                           "those have ended them; null: among all the search's trials (decisions "
+                           "come only once most of the search has run its first rung)")
     grace_period: Optional[int] = spec(None, doc="removed: rungs are fractions of a complete "
                                                  "run (asha.rungs)")
 
@@ -97,6 +112,13 @@ class AshaSettings:
             first = max(FIRST_RUNG, FIRST_RUNG_EPOCHS / shortest_epochs)
             self.rungs = [first, 1.0] if first < 1.0 else [1.0]
 
+    def bracket_of(self, num_samples: int) -> Optional[int]:
+        """The bracket a search of ``num_samples`` trials ranks them in: None when it ranks
+        them all together (one bracket holds them, or decisions do not wait)."""
+        if not self.wait or self.bracket is None or self.bracket >= num_samples:
+            return None
+        return self.bracket
+
     def fractions(self) -> list[float]:
         """The rungs a search trial runs (one full run without ASHA)."""
         if not self.enabled:
@@ -104,6 +126,16 @@ class AshaSettings:
         if self.rungs is None:
             raise ValueError("the default rungs depend on the run's length: settle() them first")
         return list(self.rungs)
+
+
+def ranked_among(order: list[str], trial_id: str, size: Optional[int], total: int) -> int:
+    """How many trials a trial's rungs rank it among: of the search's ``total``, in start order
+    (``order``: those started so far), the trials up to the end of its bracket of ``size``
+    (all ``total`` without brackets; a trial not in ``order`` is taken as the next to start)."""
+    if size is None:
+        return total
+    at = order.index(trial_id) if trial_id in order else len(order)
+    return min(total, (at // size + 1) * size)
 
 
 class Rungs:
@@ -142,11 +174,13 @@ class Rungs:
     def _better(rung: dict[str, float], trial_id: str) -> int:
         return sum(v > rung[trial_id] for v in rung.values())  # ties go on together
 
-    def standing(self, trial_id: str, rungs: int, most: Callable[[int], int]) -> Optional[str]:
+    def standing(self, trial_id: str, rungs: int, most: Callable[[int], int],
+                 peers: Optional[Container[str]] = None) -> Optional[str]:
         """GO: the trial ranks in at every rung it has ended (but the last) however the rungs'
         other trials end them; STOP: one ranks it out for good; None: not known yet.
-        ``most(k)``: the most trials that can end rung k, those that have included (when every
-        trial has, the rung is settled and its ranking final). A rung's cut is ⌈m/η⌉ of the m
+        ``peers``: the trials it is ranked among (its bracket and those before; None: all);
+        ``most(k)``: the most of them that can end rung k, those that have included (when every
+        one has, the rung is settled and its ranking final). A rung's cut is ⌈m/η⌉ of the m
         that end it: with b trials better and at most m − n still to end it, the trial is in
         for good when b + (m − n) < ⌈m/η⌉, out for good when b ≥ ⌈m/η⌉ (taking the largest
         m binds both: ⌈m/η⌉ grows more slowly than m)."""
@@ -154,6 +188,8 @@ class Rungs:
         for k, rung in enumerate(self.values[:rungs - 1]):
             if trial_id not in rung:
                 continue
+            if peers is not None:
+                rung = {t: v for t, v in rung.items() if t in peers or t == trial_id}
             n, m = len(rung), max(most(k), len(rung))
             better = self._better(rung, trial_id)
             if better >= self.cutoff_rank(m):
@@ -163,7 +199,7 @@ class Rungs:
         return known
 
     def verdict(self, trial_id: str, values: list, rungs: int, at_rung_start: bool,
-                most: Callable[[int], int]) -> str:
+                most: Callable[[int], int], peers: Optional[Container[str]] = None) -> str:
         """A report's decision (its rung values recorded): GO, STOP, or WAIT — the report ends a
         rung or is the first of one (a trial that waited across a resume; nothing is lost
         pausing it there) and its :meth:`standing` is not known yet. Later in a run (a trial
@@ -171,14 +207,15 @@ class Rungs:
         self.record(trial_id, values)
         if len(values) >= rungs:
             return GO
-        standing = self.standing(trial_id, rungs, most)
+        standing = self.standing(trial_id, rungs, most, peers)
         if standing is not None:
             return standing
         if at_rung_start:
             return WAIT
         return GO if self.kept(trial_id, rungs) else STOP
 
-    def waited(self, trial_id: str, rungs: int, most: Callable[[int], int]) -> Optional[str]:
+    def waited(self, trial_id: str, rungs: int, most: Callable[[int], int],
+               peers: Optional[Container[str]] = None) -> Optional[str]:
         """A waiting trial's turn: GO once it ranks in for good, STOP once it ranks out for
         good, None while neither is known."""
-        return self.standing(trial_id, rungs, most)
+        return self.standing(trial_id, rungs, most, peers)

@@ -6,8 +6,9 @@ from typing import Optional
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler
 
-from ltsearch.search.records import CONFIRM_OF
-from ltsearch.search.rungs import BUDGETS, GO, RUNG_VALUE, RUNG_VALUES, STOP, WAIT, Rungs
+from ltsearch.search.records import CONFIRM_OF, ONGOING
+from ltsearch.search.rungs import (BUDGETS, GO, RUNG_VALUE, RUNG_VALUES, STOP, WAIT, Rungs,
+                                   ranked_among)
 
 
 class RungScheduler(FIFOScheduler):
@@ -17,17 +18,24 @@ class RungScheduler(FIFOScheduler):
     while neither is known; Ray Tune's HyperBand pauses and stops its trials the same way. What
     can still change a rung's ranking is the trials that may still end it: the search's
     ``num_samples`` less those that ended without it (None: only those that have ended it,
-    decisions at once on the values so far, as the search decided before 2026-12-03).
+    decisions at once on the values so far, as the search decided before 2026-12-03), and with
+    ``bracket`` only those up to the end of the trial's bracket in start order.
 
-    Tune does not keep a scheduler's state across a resume, so a resumed search rebuilds it from
-    the records (:meth:`restore_records`)."""
+    ``records``: the search's ``trials.json`` as its callback keeps it, live. Tune does not keep
+    a scheduler's state across a resume, so a resumed search's rungs are rebuilt from them; and
+    their order is the start order the brackets count in (a record is made as its trial first
+    starts, before it reports, and keeps its place; Tune's own list of trials a resume reorders
+    by their last result)."""
 
     def __init__(self, reduction_factor: float, mode: str, num_samples: Optional[int] = None,
-                 max_concurrent: Optional[int] = None):
+                 max_concurrent: Optional[int] = None, bracket: Optional[int] = None,
+                 records: Optional[dict] = None):
         super().__init__()
         self.rungs = Rungs(reduction_factor, mode)
-        self.num_samples, self.max_concurrent = num_samples, max_concurrent
+        self.num_samples, self.max_concurrent, self.bracket = num_samples, max_concurrent, bracket
         self.total: dict[str, int] = {}  # trial id → its number of rungs (from its reports)
+        self.records = {} if records is None else records
+        self.restore_records(self.records)
 
     def restore_records(self, records: dict) -> None:
         """The rung values of every trial in ``trials.json`` (a resumed search's)."""
@@ -39,17 +47,36 @@ class RungScheduler(FIFOScheduler):
 
     # ---------------------------------------------------------------------------------------
 
-    def most(self, tune_controller, rung: int, ending: Optional[str] = None) -> int:
-        """The most trials that can end the rung: the search's ``num_samples`` (those still to
-        come included) but those that ended without it (``ending``: a trial Tune is ending now);
-        None ``num_samples``: those that have ended it (decisions on the values so far)."""
-        ended = len(self.rungs.values[rung]) if rung < len(self.rungs.values) else 0
+    def field(self, tune_controller, trial_id: str, ending: Optional[str] = None):
+        """What a trial's rungs rank it among: ``(most, peers)`` for :meth:`Rungs.standing`.
+        ``most(k)``: the most trials that can end rung k, the search's ``num_samples`` (those
+        still to come included) up to the end of the trial's bracket, but those that ended
+        without it (``ending``: a trial Tune is ending now); ``peers``: those trials' ids
+        (None: all). None ``num_samples``: those that have ended it (decisions on the values
+        so far)."""
+        def so_far(k):
+            return len(self.rungs.values[k]) if k < len(self.rungs.values) else 0
+
         if self.num_samples is None or tune_controller is None:
-            return ended
-        trials = [t for t in tune_controller.get_trials() if CONFIRM_OF not in t.config]
-        gone = sum((t.is_finished() or t.trial_id == ending)
-                   and not self.rungs.ended(t.trial_id, rung) for t in trials)
-        return max(self.num_samples, len(trials)) - gone
+            return so_far, None
+        tune = {t.trial_id: t for t in tune_controller.get_trials() if CONFIRM_OF not in t.config}
+        if self.bracket is None:
+            upto, peers, ids = max(self.num_samples, len(tune)), None, list(tune)
+        else:  # (a trial Tune never recorded, LOST in the records, keeps its place there)
+            started = [i for i, r in self.records.items() if not r.get(CONFIRM_OF)]
+            total = max(self.num_samples, len(tune), len(started))
+            upto = ranked_among(started, trial_id, self.bracket, total)
+            peers = ids = started[:upto]
+
+        def finished(i):
+            t = tune.get(i)
+            return i == ending or (t.is_finished() if t is not None
+                                   else self.records[i]["status"] not in ONGOING)
+
+        def most(k):
+            return upto - sum(finished(i) and not self.rungs.ended(i, k) for i in ids)
+
+        return most, (None if peers is None else set(peers))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         values = result.get(RUNG_VALUES)
@@ -58,7 +85,7 @@ class RungScheduler(FIFOScheduler):
         rungs = self.total[trial.trial_id] = len(result[BUDGETS])
         at_start = RUNG_VALUE in result or result.get("rung_epoch") == 1
         verdict = self.rungs.verdict(trial.trial_id, values, rungs, at_start,
-                                     lambda k: self.most(tune_controller, k))
+                                     *self.field(tune_controller, trial.trial_id))
         self._turns(tune_controller)  # a new value can rank a waiting trial in or out for good
         return {GO: self.CONTINUE, STOP: self.STOP, WAIT: self.PAUSE}[verdict]
 
@@ -85,7 +112,7 @@ class RungScheduler(FIFOScheduler):
                    and not t.is_saving and t.trial_id in self.total and t.trial_id != ending]
         for t in sorted(waiting, key=lambda t: -self._last_value(t.trial_id)):
             turn = self.rungs.waited(t.trial_id, self.total[t.trial_id],
-                                     lambda k: self.most(tune_controller, k, ending))
+                                     *self.field(tune_controller, t.trial_id, ending))
             if turn == STOP:
                 tune_controller.stop_trial(t)
             elif turn == GO:
