@@ -314,7 +314,7 @@ def test_which_trials_a_rays_nodes_can_hold(ray_local):
     """Against a real Ray's nodes (the session's: 2 CPUs, no GPU): what a joined cluster is
     checked with once Ray is up (it warns there: an autoscaling cluster may add the node)."""
     from ltsearch.search.checks import nodes_for
-    from ltsearch.search.space import Resources
+    from ltsearch.search.settings import Resources
 
     assert nodes_for(Resources(cpu=1, gpu=0)) == 1 and nodes_for(Resources(cpu=2, gpu=0)) == 1
     assert nodes_for(Resources(cpu=1, gpu=0.5)) == 0 and nodes_for(Resources(cpu=3, gpu=0)) == 0

@@ -59,7 +59,7 @@ def stored_settings(folder: Path):
     """The search settings a search folder ran with (its search.yaml's ``search`` section, not
     the space: no combination checks), None if it has none."""
     from ltsearch.config import from_dict, read_yaml
-    from ltsearch.search.space import SearchSettings
+    from ltsearch.search.settings import SearchSettings
 
     path = Path(folder) / "search.yaml"
     if not path.is_file():
@@ -131,7 +131,7 @@ def _as_run(source: dict, path: Path) -> dict:
 
     from ltsearch.config import from_dict
     from ltsearch.search.records import flatten
-    from ltsearch.search.space import SearchSettings
+    from ltsearch.search.settings import SearchSettings
 
     try:
         base = dataclasses.asdict(config_from_dict(source.get("base") or {}))
