@@ -25,13 +25,13 @@ def _define(trial):  # (module level: Tune pickles the searcher with its space)
     trial.suggest_int("i", 0, len(VALUES) - 1)
 
 
-def _search(tmp_path, wait: bool, bracket=None):
+def _search(tmp_path, wait: bool, bracket=None, values=VALUES):
     """The crafted trials one at a time, with the search's own records (trials.json): each
     trial, as it starts, notes what trials.json says of the others then (``seen-<i>.json``)."""
     from ltsearch.search.space import parse_search_file
     from ltsearch.search.tracker import Tracker
 
-    values, kept = VALUES, tmp_path
+    kept = tmp_path
 
     def trainable(config):
         seen = {r["params"]["i"]: r["status"] for r in
@@ -133,3 +133,16 @@ def test_in_brackets_of_two_the_study_learns_the_first_two_before_the_third_star
     times = {int(i): t for i, t in json.loads((tmp_path / "study.json").read_text()).items()}
     assert times[0][1] <= times[2][0] and times[1][1] <= times[2][0]  # told before it was asked
     assert [r for r, _ in reports[1]] == [0, 1] and records[1]["waited_s"] == 0
+
+
+def test_a_waiting_trial_in_for_good_goes_on_before_a_new_trial_starts(ray_local, tmp_path):
+    """Brackets of 2, one at a time: trial 0 (0.5) waits for trial 1 (0.4), which ranks it in
+    for good; trial 0's full run comes next, before trial 2 starts (new trials first left it
+    waiting until no new trial was left: its full result, and TPE's lesson, came last)."""
+    values = [(0.5, 0.55), (0.4, 0.45), (0.9, 0.95), (0.1, 0.15)]
+    reports, told, records = _search(tmp_path, wait=True, bracket=2, values=values)
+    assert {i: state for i, (state, _) in told.items()} == {
+        0: "COMPLETE", 1: "PRUNED", 2: "COMPLETE", 3: "PRUNED"}
+    assert _seen(tmp_path, 1) == {0: "WAITING"}
+    assert _seen(tmp_path, 2) == {0: "COMPLETED", 1: "PRUNED"}
+    assert [r for r, _ in reports[0]] == [0, 1] and records[0]["waited_s"] > 0

@@ -120,16 +120,21 @@ class RungScheduler(FIFOScheduler):
         return going
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
-        """A new trial first; then a waiting one that ranks in, while fewer than
-        ``max_concurrent`` run (the searcher's limit counts no waiting trial)."""
-        for trial in tune_controller.get_trials():
+        """A waiting trial that ranks in for good first (its full result, for the user and for
+        TPE, comes before more first rungs; new trials first left it waiting to the search's
+        end), then a new one, while fewer than ``max_concurrent`` run (the searcher's limit
+        counts no waiting trial, so a new trial may be pending as a waiting one goes on)."""
+        trials = tune_controller.get_trials()
+        going = self._turns(tune_controller)  # (stops those out for good)
+        if self.max_concurrent is not None and sum(t.status == Trial.RUNNING for t in trials) \
+                >= self.max_concurrent:
+            return None
+        if going:
+            return going[0]
+        for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
-        going = self._turns(tune_controller)  # (stops those out for good)
-        running = sum(t.status == Trial.RUNNING for t in tune_controller.get_trials())
-        if going and (self.max_concurrent is None or running < self.max_concurrent):
-            return going[0]
-        for trial in tune_controller.get_trials():  # paused by no decision of the rungs
+        for trial in trials:  # paused by no decision of the rungs
             if trial.status == Trial.PAUSED and trial.trial_id not in self.total:
                 return trial
         return None
