@@ -18,8 +18,8 @@ one is known it **waits** (Tune pauses it; it holds no worker). So:
 
 - the trials that reach their end are the ones synchronous successive halving keeps, the best
   ⌈m/η⌉ of each rung (by brackets, below), whatever order a bracket's trials start and end in
-  and however many run at a time: the first trials (the enqueued ones) gain nothing from meeting empty rungs, and no
-  trial is stopped for good on a rung's first few values;
+  and however many run at a time: the first trials (the enqueued ones) gain nothing from
+  meeting empty rungs, and no trial is stopped for good on a rung's first few values;
 - no compute goes to a longer run that a later trial would have cut. Until 2026-12-03 evening
   a trial went on while it ranked in *so far* and was stopped at its next report once later
   trials outranked it, waiting only while ranked out (``wait: false`` decides at once on the
@@ -38,8 +38,8 @@ bracket's trial still has to beat every earlier trial's values (ranked among the
 Hyperband bracket of its own). A search of at most 12 trials is one bracket: ranked all
 together, as the benchmark measured.
 
-Decisions depend on the values recorded only, so a resumed search (the records rebuilt from
-``trials.json``) decides as an uninterrupted one.
+Decisions depend on the values recorded and the order trials started in only, both kept in
+``trials.json``, so a resumed search (the rungs rebuilt from it) decides as an uninterrupted one.
 
 This module imports no Ray: :class:`RungScheduler` (``ltsearch.search.scheduler``) wraps it for
 Tune, and the benchmark replays it.
