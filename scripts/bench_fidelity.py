@@ -251,7 +251,7 @@ def replay_rungs(runs: dict, seed: int, order: list[str], slots: int, rf: float,
         return verdict
 
     def waited(n):
-        turn = rungs.waited(n, total, *field(n))
+        turn = rungs.standing(n, total, *field(n))
         out[n] = out[n] or turn == "stop"
         return turn
 

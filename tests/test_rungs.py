@@ -77,18 +77,18 @@ def test_a_trial_goes_on_or_stops_once_its_rung_ranks_it_for_good_and_waits_unti
     assert rungs.verdict("a", [0.5], 2, True, most.get) == WAIT  # alone: three more may beat it
     assert rungs.verdict("b", [0.4], 2, True, most.get) == WAIT  # one better, two to come
     assert rungs.verdict("c", [0.9], 2, True, most.get) == GO  # at most one more can beat it
-    assert rungs.waited("b", 2, most.get) == STOP  # two better: out whatever the last one does
-    assert rungs.waited("a", 2, most.get) is None  # one better, one to come
+    assert rungs.standing("b", 2, most.get) == STOP  # two better: out whatever the last one does
+    assert rungs.standing("a", 2, most.get) is None  # one better, one to come
     assert rungs.verdict("d", [0.1], 2, True, most.get) == STOP  # three better
-    assert rungs.waited("a", 2, most.get) == GO  # the rung is settled: a is second of four
+    assert rungs.standing("a", 2, most.get) == GO  # the rung is settled: a is second of four
     assert rungs.verdict("a", [0.5, 0.8], 2, False, most.get) == GO  # its full run's end
     # a trial that ends without reaching the rung (failed, stopped) lowers m, and ⌈m/η⌉ with it
     fewer, most = Rungs(2.0), {0: 3}
     assert fewer.verdict("a", [0.5], 2, True, most.get) == WAIT  # ⌈3/2⌉ = 2, two may beat it
     assert fewer.verdict("b", [0.4], 2, True, most.get) == WAIT
-    assert fewer.waited("a", 2, most.get) == GO
+    assert fewer.standing("a", 2, most.get) == GO
     most[0] = 2  # the third trial failed before its rung's end: ⌈2/2⌉ = 1
-    assert fewer.waited("b", 2, most.get) == STOP
+    assert fewer.standing("b", 2, most.get) == STOP
     # decided at once (wait: false): on the values so far, b would have stopped on a's value
     at_once = Rungs(2.0)
     so_far = lambda k: len(at_once.values[k])  # noqa: E731
@@ -146,7 +146,7 @@ def test_the_trials_that_reach_their_end_do_not_depend_on_the_order_rungs_end_in
         else:
             waiting.add(t)
         for w in sorted(waiting):
-            turn = rungs.waited(w, 3, *field(w))
+            turn = rungs.standing(w, 3, *field(w))
             if turn is not None:
                 waiting.discard(w)
                 if turn == GO:
@@ -179,13 +179,13 @@ def test_in_brackets_a_trial_is_decided_once_its_bracket_ends_the_rung_and_ranke
     for t, v in zip(order[:4], values):
         assert together.verdict(t, [v], 2, True, *field(t, None)) == WAIT
         bracketed.verdict(t, [v], 2, True, *field(t, 4))
-    assert [bracketed.waited(t, 2, *field(t, 4)) for t in order[:4]] == [STOP, GO, STOP, GO]
-    assert [together.waited(t, 2, *field(t, None)) for t in order[:4]] == [None] * 4
+    assert [bracketed.standing(t, 2, *field(t, 4)) for t in order[:4]] == [STOP, GO, STOP, GO]
+    assert [together.standing(t, 2, *field(t, None)) for t in order[:4]] == [None] * 4
     # t4 (0.45) would be second of its own bracket, but the eight's cut is ⌈8/2⌉ = 4 and three
     # of the first bracket ended above it: out once t5 (0.65) does too
     assert bracketed.verdict("t4", [0.45], 2, True, *field("t4", 4)) == WAIT
     assert bracketed.verdict("t5", [0.65], 2, True, *field("t5", 4)) == GO  # 1 better, 2 to come
-    assert bracketed.waited("t4", 2, *field("t4", 4)) == STOP
+    assert bracketed.standing("t4", 2, *field("t4", 4)) == STOP
     assert bracketed.verdict("t6", [0.1], 2, True, *field("t6", 4)) == STOP
     assert ranked_among(order, "t5", None, 8) == 8 and ranked_among(order, "t5", 3, 8) == 6
     assert ranked_among(order, "t7", 3, 8) == 8 and ranked_among(order, "t0", 3, 8) == 3

@@ -213,9 +213,3 @@ class Rungs:
         if at_rung_start:
             return WAIT
         return GO if self.kept(trial_id, rungs) else STOP
-
-    def waited(self, trial_id: str, rungs: int, most: Callable[[int], int],
-               peers: Optional[Container[str]] = None) -> Optional[str]:
-        """A waiting trial's turn: GO once it ranks in for good, STOP once it ranks out for
-        good, None while neither is known."""
-        return self.standing(trial_id, rungs, most, peers)

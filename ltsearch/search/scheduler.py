@@ -35,11 +35,7 @@ class RungScheduler(FIFOScheduler):
         self.num_samples, self.max_concurrent, self.bracket = num_samples, max_concurrent, bracket
         self.total: dict[str, int] = {}  # trial id → its number of rungs (from its reports)
         self.records = {} if records is None else records
-        self.restore_records(self.records)
-
-    def restore_records(self, records: dict) -> None:
-        """The rung values of every trial in ``trials.json`` (a resumed search's)."""
-        for trial_id, record in records.items():
+        for trial_id, record in self.records.items():  # a resumed search's rungs
             if record.get(RUNG_VALUES):
                 self.rungs.record(trial_id, record[RUNG_VALUES])
             if record.get(BUDGETS):
@@ -111,7 +107,7 @@ class RungScheduler(FIFOScheduler):
         waiting = [t for t in tune_controller.get_trials() if t.status == Trial.PAUSED
                    and not t.is_saving and t.trial_id in self.total and t.trial_id != ending]
         for t in sorted(waiting, key=lambda t: -self._last_value(t.trial_id)):
-            turn = self.rungs.waited(t.trial_id, self.total[t.trial_id],
+            turn = self.rungs.standing(t.trial_id, self.total[t.trial_id],
                                      *self.field(tune_controller, t.trial_id, ending))
             if turn == STOP:
                 tune_controller.stop_trial(t)
