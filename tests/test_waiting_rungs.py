@@ -60,12 +60,11 @@ def _search(tmp_path, wait: bool, bracket=None, values=VALUES):
     limiter = SearchLimiter(searcher, 1, len(VALUES))
     records = TrialRecords(tmp_path)
     space = parse_search_file({"base": {"train": {"epochs": 2}}})
+    scheduler = RungScheduler(2.0, "max", len(VALUES) if wait else None, 1, bracket, records.trials)
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        metric="v", mode="max", num_samples=len(VALUES), search_alg=limiter,
-        scheduler=RungScheduler(2.0, "max", len(VALUES) if wait else None, 1, bracket,
-                               records.trials)),
+        metric="v", mode="max", num_samples=len(VALUES), search_alg=limiter, scheduler=scheduler),
         run_config=tune.RunConfig(name="w", storage_path=str(tmp_path / "ray"), verbose=0,
-                                  callbacks=[*agreeing(limiter),
+                                  callbacks=[*agreeing(limiter, scheduler),
                                              SearchCallback(records, space, Tracker())]))
     grid = tuner.fit()
     reports = {}

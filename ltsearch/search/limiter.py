@@ -62,20 +62,25 @@ class AgreeWithTune(Callback):
     is processed (later, a trial Tune has ended may not yet have been reported to it); and at
     every step the trials that wait paused, which its limit does not count (else trials that
     wait for their place at a rung to be known would hold the places of the trials that decide
-    it)."""
+    it), but those the scheduler holds ready to go on (``ready``: its set of their ids)."""
 
-    def __init__(self, limiter: SearchLimiter):
+    def __init__(self, limiter: SearchLimiter, ready: frozenset | set = frozenset()):
         self.limiter = limiter
+        self.ready = ready
         self.done = False
 
     def on_step_begin(self, iteration: int, trials: list, **info):
         if not self.done:
             self.done = True
             self.limiter.agree_with(trials)
-        self.limiter.waiting = {t.trial_id for t in trials if t.status == "PAUSED"}
+        self.limiter.waiting = {t.trial_id for t in trials
+                                if t.status == "PAUSED" and t.trial_id not in self.ready}
 
 
-def agreeing(search_alg) -> list:
+def agreeing(search_alg, scheduler=None) -> list:
     """The callback that makes a restored limiter agree with Tune, if it is one (a search
-    started by an older ltsearch restores Tune's own ConcurrencyLimiter)."""
-    return [AgreeWithTune(search_alg)] if isinstance(search_alg, SearchLimiter) else []
+    started by an older ltsearch restores Tune's own ConcurrencyLimiter), and count the
+    waiting trials ``scheduler`` (a :class:`~ltsearch.search.scheduler.RungScheduler`) holds
+    ready to go on."""
+    ready = getattr(scheduler, "ready", frozenset())  # (no rungs: a FIFOScheduler, none ready)
+    return [AgreeWithTune(search_alg, ready)] if isinstance(search_alg, SearchLimiter) else []

@@ -359,9 +359,10 @@ def _tune(search: Search, verbose: int) -> str:
         _resume_interrupted_trials(search)
         tuner = tune.Tuner.restore(str(search.ray_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        replace_restored_callbacks(tuner, callbacks + agreeing(restored_search_alg(tuner)))
         # Tune restores its scheduler as it was created: the rungs come back from the records
-        replace_restored_scheduler(tuner, make_scheduler(settings, search.records.trials))
+        scheduler = make_scheduler(settings, search.records.trials)
+        replace_restored_callbacks(tuner, callbacks + agreeing(restored_search_alg(tuner), scheduler))
+        replace_restored_scheduler(tuner, scheduler)
     else:
         storage_db = optuna.storages.RDBStorage(search.study_uri)
         many = settings.objectives is not None  # a multi-objective study: TPE over all,
@@ -378,7 +379,8 @@ def _tune(search: Search, verbose: int) -> str:
                 metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
                 search_alg=limiter, scheduler=scheduler, reuse_actors=settings.reuse_workers),
             run_config=tune.RunConfig(
-                name=RAY_SUBDIR, storage_path=str(search.folder), callbacks=callbacks + agreeing(limiter),
+                name=RAY_SUBDIR, storage_path=str(search.folder),
+                callbacks=callbacks + agreeing(limiter, scheduler),
                 verbose=2 if verbose >= 1 else 0,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),

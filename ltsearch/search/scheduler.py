@@ -34,6 +34,9 @@ class RungScheduler(FIFOScheduler):
         self.rungs = Rungs(reduction_factor, mode)
         self.num_samples, self.max_concurrent, self.bracket = num_samples, max_concurrent, bracket
         self.total: dict[str, int] = {}  # trial id → its number of rungs (from its reports)
+        # waiting trials ranked in for good: they go on at the next free worker, so the search's
+        # limiter counts them as running (else it starts a new trial in their place)
+        self.ready: set[str] = set()
         self.records = {} if records is None else records
         for trial_id, record in self.records.items():  # a resumed search's rungs
             if record.get(RUNG_VALUES):
@@ -108,24 +111,24 @@ class RungScheduler(FIFOScheduler):
                    and not t.is_saving and t.trial_id in self.total and t.trial_id != ending]
         for t in sorted(waiting, key=lambda t: -self._last_value(t.trial_id)):
             turn = self.rungs.standing(t.trial_id, self.total[t.trial_id],
-                                     *self.field(tune_controller, t.trial_id, ending))
+                                       *self.field(tune_controller, t.trial_id, ending))
             if turn == STOP:
                 tune_controller.stop_trial(t)
             elif turn == GO:
                 going.append(t)
+        self.ready.clear()  # (in place: the limiter's callback holds this set)
+        self.ready.update(t.trial_id for t in going)
         return going
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
-        """A waiting trial that ranks in for good first (its full result, for the user and for
-        TPE, comes before more first rungs; new trials first left it waiting to the search's
-        end), then a new one, while fewer than ``max_concurrent`` run (the searcher's limit
-        counts no waiting trial, so a new trial may be pending as a waiting one goes on)."""
+        """A waiting trial that ranks in for good first, while fewer than ``max_concurrent``
+        run (its full result, for the user and for TPE, comes before more first rungs; new
+        trials first left it waiting to the search's end; the limiter counts it, :attr:`ready`,
+        so no new trial takes its worker), then a new one."""
         trials = tune_controller.get_trials()
         going = self._turns(tune_controller)  # (stops those out for good)
-        if self.max_concurrent is not None and sum(t.status == Trial.RUNNING for t in trials) \
-                >= self.max_concurrent:
-            return None
-        if going:
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        if going and (self.max_concurrent is None or running < self.max_concurrent):
             return going[0]
         for trial in trials:
             if trial.status == Trial.PENDING:
